@@ -10,3 +10,9 @@ os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Shared session fixtures live in tests/fixtures/ (one module per owner) and are imported here so
+# every test module sees them.
+from tests.fixtures.data import *  # noqa: E402,F401,F403
+from tests.fixtures.policies import *  # noqa: E402,F401,F403
+from tests.fixtures.policies_pi0 import *  # noqa: E402,F401,F403
