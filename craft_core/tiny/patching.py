@@ -1,0 +1,75 @@
+"""The one place where craft changes lerobot's behaviour: shrinking hard-coded backbone sizes.
+
+Some lerobot VLAs hard-code the size of their backbone (pi0_fast builds a 2B PaliGemma whatever
+its config says), so a tiny offline instance of the *real* class needs the size to be changed at
+construction time. ``tiny_lerobot_models(spec)`` is the only context manager that does this; it
+is active only while a tiny policy is built (``craft_core.tiny.build``) or loaded
+(``craft_core.policy_io.policy_loading_context`` on a folder marked with ``craft_tiny.json``).
+Outside it lerobot is untouched, so hub checkpoints load exactly as lerobot loads them.
+
+The context manager enters, in order, the ``patches(spec)`` context manager of every per-policy
+tiny module ``craft_core.tiny.<policy_type>`` that exists (``POLICY_MODULES``); a module without
+``patches`` (smolvla needs none) is skipped. Each ``patches`` documents its own patch points;
+today they are:
+
+- ``craft_core.tiny.pi0_fast``: the name ``PaliGemmaForConditionalGenerationWithPiGemma`` in
+  ``lerobot.policies.pi0_fast.modeling_pi0_fast`` (looked up when ``PI0FastPaliGemma`` is built)
+  is replaced by a factory that shrinks the ``PaliGemmaConfig`` to ``spec["sizes"]`` and then
+  calls the real class.
+- ``craft_core.tiny.pi0`` / ``craft_core.tiny.pi05``: see those modules.
+
+``spec`` is the content of a tiny folder's ``craft_tiny.json`` (``policy_type``, ``sizes``, ...).
+Every module's patch is entered whatever ``spec["policy_type"]`` is; a patch only acts when the
+lerobot code it wraps runs, and reads the sizes it needs from the spec at that moment.
+"""
+
+import importlib
+import threading
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator, Mapping
+
+POLICY_MODULES: tuple[str, ...] = ("pi0_fast", "smolvla", "pi0", "pi05")
+
+# Patches rebind module-level names of lerobot: two threads building models at once with
+# different specs would see each other's patches, so entering is serialised.
+_PATCH_LOCK = threading.RLock()
+
+
+def _policy_patch_factories() -> list:
+    factories = []
+    for name in POLICY_MODULES:
+        module_name = f"craft_core.tiny.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # the module exists but one of its imports is missing
+                raise
+            continue
+        patches = getattr(module, "patches", None)
+        if patches is not None:
+            factories.append(patches)
+    return factories
+
+
+@contextmanager
+def tiny_lerobot_models(spec: Mapping[str, Any]) -> Iterator[None]:
+    """Build/load lerobot policies at the tiny sizes of ``spec`` (a ``craft_tiny.json`` dict)."""
+    if "policy_type" not in spec or "sizes" not in spec:
+        raise ValueError(
+            f"tiny spec needs 'policy_type' and 'sizes' (the content of craft_tiny.json), got keys {sorted(spec)}"
+        )
+    with _PATCH_LOCK, ExitStack() as stack:
+        for patches in _policy_patch_factories():
+            stack.enter_context(patches(spec))
+        yield
+
+
+@contextmanager
+def replaced_attribute(owner: Any, name: str, value: Any) -> Iterator[Any]:
+    """Temporarily rebind ``owner.name`` (a module-level name of lerobot); yields the original."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield original
+    finally:
+        setattr(owner, name, original)
