@@ -51,10 +51,26 @@ class AssetsConfig(StrictModel):
     episodes_per_task: int = Field(default=4, ge=1)
     max_episode_steps: int = Field(default=60, ge=2)
     image_size: int = Field(default=96, ge=16, description="Recorded camera resolution (square)")
+    task_a: str = Field(
+        default="push_t", description="Task the teacher is pretrained on and anchors come from (what to retain)"
+    )
+    task_b: str = Field(default="corner", description="New task the student is fine-tuned on")
     teacher_pretrain_steps: int = Field(
         default=0, ge=0, description="Steps of training the tiny teacher on task A before caching"
     )
+    teacher_pretrain_batch_size: int = Field(default=8, ge=1)
+    device: str = Field(default="auto", description="Device of the teacher pretraining")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "AssetsConfig":
+        from craft_core.sim_datasets import ALOHA_TASKS, PUSHT_TASKS
+
+        known = PUSHT_TASKS if self.env == "pusht" else ALOHA_TASKS
+        for field in ("task_a", "task_b"):
+            if getattr(self, field) not in known:
+                raise ValueError(f"{field}={getattr(self, field)!r} is not a {self.env} task; choose one of {sorted(known)}")
+        return self
 
 
 class CacheConfig(StrictModel):
@@ -172,11 +188,25 @@ class PipelineConfig(StrictModel):
 
     name: str = "craft"
     artifacts_root: str = Field(default="artifacts", description="Content-addressed stage outputs live here")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGES))
+    stages: list[StageName] = Field(
+        default_factory=lambda: list(STAGES),
+        description="Stages to run; a stage left out must already have a complete output for its config",
+    )
+    isolation: Literal["auto", "process", "inline"] = Field(
+        default="auto",
+        description="Run each stage in its own process so its (GPU) memory is freed; auto = only on CUDA",
+    )
     assets: AssetsConfig | None = Field(default=None, description="Build offline demo assets (tiny policy, local datasets)")
     cache: CacheConfig
     train: TrainConfig
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("stages")
+    @classmethod
+    def _distinct_stages(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"stages must be distinct, got {stages}")
+        return stages
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
