@@ -1,0 +1,458 @@
+"""The training stage: one loop for CRaFT and for the baseline (the same loop, retention off).
+
+Read it top to bottom. It is lerobot's own training recipe (``lerobot_train.py``): ``make_policy``
+(through ``craft_core.policy_io``), the policy's pre/post processors, a ``LeRobotDataset`` with the
+policy's delta timestamps, lerobot's episode-aware sampler, ``make_optimizer_and_scheduler`` with
+the policy's presets, ``accelerate`` for devices / DDP / mixed precision, and lerobot's checkpoint
+layout. CRaFT adds one thing: every K-th step is a *retention step* (DESIGN.md, "The method"):
+
+    g_t   task gradient: policy.forward's loss on a task batch, backward through the (DDP) model
+    g_r   retention gradient: student's pooled hidden states on a batch of stored anchor inputs
+          vs the teacher's cached vectors, ``autograd.grad`` on the *unwrapped* model (so DDP's
+          hooks stay quiet), then averaged over ranks like DDP averages g_t
+    .grad <- surgery(g_t, g_r): conflict test on the cosine, PCGrad, merge with λ
+    λ     <- clip(λ + η (L_ret - ε(t)), 0, λ_max), with L_ret averaged over ranks
+
+Every other step is a plain task step.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from craft_core.checkpoint import (
+    check_same_run,
+    last_checkpoint,
+    load_checkpoint_state,
+    pretrained_model_dir,
+    save_checkpoint,
+)
+from craft_core.config import PolicySource, TrainConfig
+from craft_core.distributed import all_reduce_gradients_, mean_across_ranks
+from craft_core.dual import EpsilonSchedule, LagrangeMultiplier
+from craft_core.metrics import MetricsLog, plot_training
+from craft_core.surgery import apply_gradient_surgery, retention_gradients
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps had a non-finite loss or gradient; the run stopped."""
+
+
+class RetentionSetupError(RuntimeError):
+    """Retention is on but the anchor store cannot be used for this student (never falls back)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Anchors: batches of (stored model inputs, teacher targets) and the loss that compares them.
+# --------------------------------------------------------------------------------------------
+
+
+class Anchors:
+    """The anchor store as the training loop sees it.
+
+    ``batches(start)`` yields ``(inputs, targets)`` forever, skipping the first ``start``
+    batches (resume); every rank draws the same global batch and keeps its own slice, so N ranks
+    together see exactly the batch one process with N times the anchor batch size would see.
+    ``targets`` are the teacher's pooled hidden states ``[B, L, V, D]`` (``hidden_state`` caches)
+    or its label tokens (``token_level`` caches).
+    """
+
+    def __init__(self, store, *, kind: str, layers: list[int], pooling: list[str], batch_size: int,
+                 seed: int, rank: int, world_size: int, shuffle_window_chunks: int):
+        self.store = store
+        self.kind = kind
+        self.layers = layers
+        self.pooling = pooling
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle_window_chunks = shuffle_window_chunks
+
+    def batches(self, start: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+        from craft_core.store import AnchorDataset
+
+        dataset = AnchorDataset(self.store, split="train", with_labels=self.kind == "token_level")
+        global_batch = self.batch_size * self.world_size
+        done, epoch = 0, 0
+        while True:
+            for indices in dataset.batch_indices(global_batch, seed=self.seed + epoch,
+                                                 window_chunks=self.shuffle_window_chunks, drop_last=True):
+                if done < start:  # resume: skip without reading any data
+                    done += 1
+                    continue
+                done += 1
+                mine = indices[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                yield dataset.read(mine)
+            epoch += 1
+
+    def loss(self, adapter, inputs: dict[str, Tensor], targets: Tensor, kind: str) -> Tensor:
+        from craft_core.losses import retention_loss
+
+        if self.kind == "token_level":
+            # The policy's own loss on the teacher's tokens: a distillation of its outputs.
+            return adapter.token_level_loss(inputs, targets.to(adapter.device))
+        student = adapter.pooled(inputs, self.layers, self.pooling)
+        return retention_loss(student, targets.to(student.device), kind)
+
+
+def open_anchors(store_url: str, *, adapter, teacher: PolicySource, cfg: TrainConfig, rank: int,
+                 world_size: int) -> Anchors:
+    """Open and validate the anchor store for this student; refuse anything that does not fit."""
+    from craft_core.store import AnchorStoreError, open_anchor_store
+
+    try:
+        store = open_anchor_store(store_url)
+    except AnchorStoreError as exc:
+        raise RetentionSetupError(f"retention is on but the anchor store cannot be used: {exc}") from exc
+    attrs = store.attrs
+    problems = []
+    kind = attrs.get("kind")
+    if kind not in ("hidden_state", "token_level"):
+        problems.append(f"kind is {kind!r}, expected 'hidden_state' or 'token_level'")
+    if kind == "token_level" and not hasattr(adapter, "token_level_loss"):
+        problems.append(f"kind is 'token_level' but policy type {adapter.policy_type!r} has no token-level loss")
+    stored_teacher = attrs.get("teacher", {})
+    if stored_teacher.get("policy_type") != adapter.policy_type:
+        problems.append(f"teacher policy type is {stored_teacher.get('policy_type')!r}, the student is "
+                        f"{adapter.policy_type!r}")
+    if not _same_policy_source(stored_teacher, teacher):
+        problems.append(f"teacher is {stored_teacher.get('path')!r} (revision {stored_teacher.get('revision')!r}),"
+                        f" the student starts from {teacher.path!r} (revision {teacher.revision!r})")
+    if attrs.get("hidden_size") != adapter.hidden_size:
+        problems.append(f"hidden size is {attrs.get('hidden_size')}, the student's is {adapter.hidden_size}")
+    if attrs.get("depth") is not None and attrs.get("depth") != adapter.depth:
+        problems.append(f"backbone depth is {attrs.get('depth')}, the student's is {adapter.depth}")
+    layers = list(attrs.get("layers") or [])
+    try:
+        if not layers or adapter.resolve_layers(layers) != layers:
+            problems.append(f"layers {layers} are not absolute hidden-state indices of the student")
+    except ValueError as exc:
+        problems.append(f"layers {layers} do not fit the student: {exc}")
+    if problems:
+        raise RetentionSetupError(
+            f"anchor store {store_url} does not fit this run: " + "; ".join(problems)
+            + ". Rebuild the cache with this teacher (cache stage) or point train at the right store;"
+            " craft never falls back to baseline training."
+        )
+    return Anchors(store, kind=kind, layers=layers, pooling=list(attrs["pooling"]),
+                   batch_size=cfg.retention.anchor_batch_size, seed=cfg.seed, rank=rank,
+                   world_size=world_size, shuffle_window_chunks=cfg.retention.shuffle_window_chunks)
+
+
+def _same_policy_source(stored: dict, teacher: PolicySource) -> bool:
+    def canonical(path) -> str:
+        local = Path(str(path)).expanduser()
+        return str(local.resolve()) if local.exists() else str(path)
+
+    return canonical(stored.get("path")) == canonical(teacher.path) and stored.get("revision") == teacher.revision
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up helpers (what lerobot_train.py does before its loop).
+# --------------------------------------------------------------------------------------------
+
+
+def _make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is {cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    # As lerobot: the scheduler steps once per optimizer step whatever the world size, and
+    # find_unused_parameters because VLA forwards skip parts of the model (e.g. the action expert).
+    return Accelerator(
+        cpu=device == "cpu",
+        mixed_precision=cfg.mixed_precision,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+
+
+class _OptimizerSettings:
+    """The three fields ``make_optimizer_and_scheduler`` reads from lerobot's TrainPipelineConfig."""
+
+    def __init__(self, cfg: TrainConfig, policy):
+        from lerobot.optim.optimizers import AdamWConfig
+
+        self.steps = cfg.steps
+        self.use_policy_training_preset = cfg.use_policy_training_preset
+        if cfg.use_policy_training_preset:
+            self.optimizer = policy.config.get_optimizer_preset()
+            self.scheduler = policy.config.get_scheduler_preset()
+        else:
+            self.optimizer = AdamWConfig(lr=cfg.lr or 1e-4, weight_decay=cfg.weight_decay or 0.0)
+            self.scheduler = None
+        if cfg.lr is not None:
+            if self.scheduler is not None and hasattr(self.scheduler, "peak_lr"):
+                # Keep the preset's decay ratio: its schedule is relative to its own peak.
+                self.scheduler.decay_lr *= cfg.lr / self.scheduler.peak_lr
+                self.scheduler.peak_lr = cfg.lr
+            self.optimizer.lr = cfg.lr
+        if cfg.weight_decay is not None:
+            self.optimizer.weight_decay = cfg.weight_decay
+        if cfg.grad_clip_norm is not None:
+            self.optimizer.grad_clip_norm = cfg.grad_clip_norm
+
+
+def _run_description(cfg: TrainConfig, teacher: PolicySource, store_url: str | None, retention: bool) -> dict:
+    """What must match for a checkpoint in out_dir to be resumed by this call."""
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "teacher": teacher.model_dump(mode="json"),
+        "store_url": store_url if retention else None,
+        "retention": retention,
+    }
+
+
+def _all_finite(*values: float | None) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+# --------------------------------------------------------------------------------------------
+# The stage.
+# --------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    teacher: PolicySource,
+    store_url: str | None,
+    out_dir: Path,
+    retention: bool = True,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Fine-tune a student initialised from ``teacher`` on ``cfg.dataset``; CRaFT when ``retention``."""
+    from lerobot.common.train_utils import should_save_checkpoint
+    from lerobot.datasets import EpisodeAwareSampler, compute_sampler_state
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.optim.factory import make_optimizer_and_scheduler
+    from lerobot.utils.random_utils import set_seed
+    from lerobot.utils.utils import cycle, has_method
+    from tqdm import tqdm
+
+    from craft_core.adapters import get_adapter
+    from craft_core.policy_io import load_policy, make_processors
+
+    wall_start = time.time()
+    out_dir = Path(out_dir).absolute()
+    use_retention = retention and cfg.retention.enabled
+    if use_retention and not store_url:
+        raise RetentionSetupError(
+            "retention is on (train.retention.enabled) but no anchor store was given (store_url); run the "
+            "cache stage first, or train with retention=False for the baseline. craft never falls back silently."
+        )
+    run = _run_description(cfg, teacher, store_url, use_retention)
+    resume_from = last_checkpoint(out_dir)
+    if resume_from is not None:
+        check_same_run(resume_from, run)
+
+    accelerator = _make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    set_seed(cfg.seed, accelerator=accelerator)
+
+    # The student: the teacher's weights, or the last checkpoint's when resuming.
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    ds = cfg.dataset
+    ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
+    source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
+    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device))
+    # Fine-tuning normalises with the task dataset's statistics; a resumed run keeps its own.
+    preprocessor, postprocessor = make_processors(
+        policy, dataset_stats=None if resume_from else ds_meta.stats, pretrained_path=source.path
+    )
+    dataset = LeRobotDataset(ds.repo_id, root=ds.root, episodes=ds.episodes, revision=ds.revision,
+                             delta_timestamps=resolve_delta_timestamps(policy.config, ds_meta),
+                             video_backend=ds.video_backend)
+
+    # Retention: validate the anchor store against the student before anything trains.
+    adapter = get_adapter(policy) if use_retention else None
+    anchors = None
+    if use_retention:
+        anchors = open_anchors(store_url, adapter=adapter, teacher=teacher, cfg=cfg,
+                               rank=accelerator.process_index, world_size=accelerator.num_processes)
+    cache_type = anchors.kind if anchors else None
+    rcfg = cfg.retention
+    lam = LagrangeMultiplier(rcfg.lambda_init, rcfg.lambda_lr, rcfg.lambda_max)
+    epsilon = EpsilonSchedule(rcfg.eps_start, rcfg.eps_end, rcfg.eps_decay_steps, rcfg.eps_schedule,
+                              total_steps=cfg.steps)
+
+    optimizer_settings = _OptimizerSettings(cfg, policy)
+    optimizer, lr_scheduler = make_optimizer_and_scheduler(optimizer_settings, policy)
+    grad_clip_norm = optimizer_settings.optimizer.grad_clip_norm or 0.0
+
+    # Data order is a pure function of (seed, epoch): lerobot's sampler, resumable to the sample.
+    sampler = EpisodeAwareSampler(
+        dataset.meta.episodes["dataset_from_index"],
+        dataset.meta.episodes["dataset_to_index"],
+        episode_indices_to_use=dataset.episodes,
+        drop_n_last_frames=getattr(policy.config, "drop_n_last_frames", 0),
+        shuffle=True,
+        seed=cfg.seed,
+        absolute_to_relative_idx=dataset.absolute_to_relative_idx,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=False,
+        pin_memory=accelerator.device.type == "cuda",
+        # Its own generator: creating a loader iterator must not draw from the global RNG, or a
+        # resumed run's random stream (dropout, flow-matching noise) would be shifted.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    policy, optimizer, dataloader, lr_scheduler = accelerator.prepare(policy, optimizer, dataloader, lr_scheduler)
+    student = accelerator.unwrap_model(policy)
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    step, skipped_nonfinite, anchor_batches_done = 0, 0, 0
+    if resume_from is not None:
+        step, state = load_checkpoint_state(resume_from, optimizer, lr_scheduler)
+        lam.load_state_dict(state["lambda"])
+        epsilon.load_state_dict(state["epsilon"])
+        skipped_nonfinite = state["skipped_nonfinite"]
+        anchor_batches_done = state["anchor_batches"]
+        sampler.load_state_dict(compute_sampler_state(step, len(sampler), cfg.batch_size, accelerator.num_processes))
+    last_checkpoint_dir = resume_from
+
+    metrics_path = out_dir / "metrics.jsonl"
+    metrics = None
+    if is_main:
+        metrics = MetricsLog(metrics_path, resume_step=step, wandb_project=cfg.wandb_project,
+                             wandb_config=run, run_name=out_dir.name)
+        print(f"[craft train] {'CRaFT' if use_retention else 'baseline'} run, cache_type={cache_type}, "
+              f"steps {step}->{cfg.steps}, {accelerator.num_processes} process(es) on {accelerator.device}")
+    progress_bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+
+    data_iter = cycle(dataloader)
+    anchor_iter = anchors.batches(start=anchor_batches_done) if anchors else None
+    last_task_loss = float("nan")
+    record: dict = {}
+    policy.train()
+    try:
+        while step < cfg.steps:
+            step_start = time.perf_counter()
+            is_retention_step = anchors is not None and step % rcfg.every_k == 0
+            eps_t = epsilon(step)
+            lr = optimizer.param_groups[0]["lr"]
+
+            # g_t: the policy's own loss on a task batch, backward through the (DDP) model.
+            batch = preprocessor(next(data_iter))
+            with accelerator.autocast():
+                task_loss, _ = policy(batch)
+            accelerator.backward(task_loss)
+            task_loss_value = mean_across_ranks(task_loss.item())
+
+            # g_r: retention loss on an anchor batch, on the unwrapped model, averaged over ranks.
+            retention_loss_value, surgery = None, None
+            if is_retention_step:
+                anchor_inputs, anchor_targets = next(anchor_iter)
+                anchor_batches_done += 1
+                retention_loss = anchors.loss(adapter, anchor_inputs, anchor_targets, rcfg.loss)
+                retention_grads = retention_gradients(retention_loss, params)
+                all_reduce_gradients_(retention_grads, params)
+                retention_loss_value = mean_across_ranks(retention_loss.item())
+                if _all_finite(task_loss_value, retention_loss_value):
+                    surgery = apply_gradient_surgery(params, retention_grads, lam=lam.value, merge=rcfg.merge,
+                                                     conflict_threshold=rcfg.conflict_threshold)
+                del retention_grads
+
+            grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf")))
+            good_step = _all_finite(task_loss_value, retention_loss_value, grad_norm)
+            if good_step:
+                optimizer.step()
+                if is_retention_step:
+                    lam.update(retention_loss_value, eps_t)
+                last_task_loss = task_loss_value
+            else:
+                skipped_nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if has_method(student, "update"):
+                student.update()
+            step += 1
+
+            step_time = time.perf_counter() - step_start
+            record = {
+                "step": step,
+                "task_loss": task_loss_value,
+                "retention_loss": retention_loss_value,
+                "lambda": lam.value if anchors else None,
+                "epsilon": eps_t if anchors else None,
+                "grad_cosine": surgery.cosine if surgery else None,
+                "projected": surgery.projected if surgery else None,
+                "grad_norm": grad_norm,
+                "lr": lr,
+                "step_time_s": step_time,
+                "samples_per_s": cfg.batch_size * accelerator.num_processes / step_time,
+                "cache_type": cache_type,
+                "retention_step": is_retention_step,
+                "skipped_nonfinite": not good_step,
+            }
+            if is_main:
+                metrics.log(record)
+                progress_bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    progress_bar.set_postfix(task_loss=f"{task_loss_value:.4g}", lam=record["lambda"])
+                    if progress is not None:
+                        progress(step, cfg.steps, record)
+
+            if skipped_nonfinite > cfg.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{skipped_nonfinite} training steps had a non-finite loss or gradient (latest: step {step}, "
+                    f"task loss {task_loss_value}, retention loss {retention_loss_value}, grad norm {grad_norm}), "
+                    f"more than train.max_nonfinite_steps={cfg.max_nonfinite_steps}; stopping. Last good checkpoint: "
+                    f"{last_checkpoint_dir or 'none written yet'}. Lower train.lr or check the data for NaNs."
+                )
+
+            if should_save_checkpoint(step, cfg.save_every, cfg.steps):
+                accelerator.wait_for_everyone()
+                if is_main:
+                    last_checkpoint_dir = save_checkpoint(
+                        out_dir, step, cfg.steps,
+                        policy=student, preprocessor=preprocessor, postprocessor=postprocessor,
+                        optimizer=optimizer, scheduler=lr_scheduler,
+                        craft_state={"step": step, "lambda": lam.state_dict(), "epsilon": epsilon.state_dict(),
+                                     "skipped_nonfinite": skipped_nonfinite, "anchor_batches": anchor_batches_done,
+                                     "cache_type": cache_type},
+                        run=run, num_processes=accelerator.num_processes, batch_size=cfg.batch_size,
+                    )
+                accelerator.wait_for_everyone()
+    finally:
+        progress_bar.close()
+        if metrics is not None:
+            metrics.close()
+
+    plot_path = out_dir / "training_plot.png"
+    result = {
+        "checkpoint": str(pretrained_model_dir(last_checkpoint_dir)),
+        "steps": step,
+        "final_task_loss": last_task_loss,
+        "metrics": str(metrics_path),
+        "plot": str(plot_path),
+        "retention": use_retention,
+        "cache_type": cache_type,
+        "final_lambda": lam.value if anchors else None,
+        "skipped_nonfinite_steps": skipped_nonfinite,
+        "wall_time_s": time.time() - wall_start,
+        "num_processes": accelerator.num_processes,
+    }
+    if is_main:
+        plot_training(metrics_path, plot_path, title=f"{'CRaFT' if use_retention else 'baseline'} — {out_dir.name}")
+        (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    accelerator.wait_for_everyone()
+    return result
