@@ -1,0 +1,336 @@
+"""Small real LeRobotDatasets recorded offline by seeded scripted controllers in gym-pusht / gym-aloha.
+
+Feature names are the ones lerobot's env preprocessing (`lerobot.envs.utils.preprocess_observation`)
+produces for these envs, so a policy trained on a recording is evaluated in lerobot's sim eval
+(`make_env` + `eval_policy_all`) without renaming:
+
+- pusht: `observation.image` [S, S, 3] uint8, `observation.state` [2] (agent x, y),
+  `action` [2] (target x, y in the 512x512 workspace), plus `next.reward` / `next.success`.
+- aloha: `observation.images.top` [S, round(S*4/3), 3] (the sim's 4:3 top camera, resized),
+  `observation.state` [14] (joint positions), `action` [14] (joint targets).
+
+Camera frames are stored as images (PNG, embedded in the parquet files), not videos: at these sizes
+encoding AV1 costs more than the whole recording, and images decode without any video backend
+(loading with `video_backend="pyav"` still works, it is simply unused).
+
+Every episode is reproducible: the env is reset with a seed derived from (`seed`, episode index)
+and the controller's action noise comes from a generator seeded the same way, so the same
+arguments give the same actions, states and images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+# Task name -> instruction text stored with every frame.
+PUSHT_TASKS: dict[str, str] = {
+    "push_t": "push the T-shaped block onto the green target",
+    "circle": "move the pusher in a circle around the block",
+    "corner": "move the pusher to the top-left corner",
+}
+ALOHA_TASKS: dict[str, str] = {
+    "reach": "reach both arms forward over the table and close the grippers",
+}
+
+ENVS = ("pusht", "aloha")
+PUSHT_FPS = 10  # lerobot's PushtEnv fps
+ALOHA_FPS = 50  # lerobot's AlohaEnv fps (gym_aloha DT = 0.02 s)
+
+PUSHT_WORKSPACE = 512.0
+PUSHT_MAX_STEP_PX = 30.0  # pusher target moves at most this far per step: smooth, pushable motion
+PUSHT_NOISE_PX = 3.0
+ALOHA_NOISE_RAD = 0.01
+
+
+def _episode_seed(seed: int, episode_index: int) -> int:
+    return seed * 100_003 + episode_index
+
+
+# ---------------------------------------------------------------------------------------------
+# gym-pusht
+
+
+def _pusht_features(image_size: int) -> dict:
+    return {
+        "observation.image": {
+            "dtype": "image",
+            "shape": (image_size, image_size, 3),
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {"dtype": "float32", "shape": (2,), "names": {"motors": ["x", "y"]}},
+        "action": {"dtype": "float32", "shape": (2,), "names": {"motors": ["x", "y"]}},
+        "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
+        "next.success": {"dtype": "bool", "shape": (1,), "names": None},
+    }
+
+
+def _block_centre(env) -> np.ndarray:
+    block = env.block
+    return np.array(block.local_to_world(block.center_of_gravity), dtype=np.float64)
+
+
+def _goal_centre(env) -> np.ndarray:
+    # Where the block's centre of gravity is when the block sits exactly on the goal pose.
+    x, y, theta = env.goal_pose
+    cx, cy = env.block.center_of_gravity
+    c, s = math.cos(theta), math.sin(theta)
+    return np.array([x + c * cx - s * cy, y + s * cx + c * cy])
+
+
+def _push_t_waypoint(env, step: int) -> np.ndarray:
+    """Push the block's centre towards the goal's centre: get behind it, then push through it.
+
+    Translation only (the block's angle is not controlled), so this reduces the block-goal
+    distance and raises coverage but rarely reaches the 95 % success threshold.
+    """
+    agent = np.array(env.agent.position, dtype=np.float64)
+    block, goal = _block_centre(env), _goal_centre(env)
+    to_goal = goal - block
+    dist = np.linalg.norm(to_goal)
+    if dist < 5.0:
+        return agent
+    u = to_goal / dist
+    behind = block - 75.0 * u
+    # The agent's offset from the block along / across the push direction.
+    rel = agent - block
+    along, across = float(rel @ u), float(rel @ np.array([-u[1], u[0]]))
+    if along > -40.0:
+        # In front of or beside the block: go around it on the side the agent is already on.
+        side = 1.0 if across >= 0 else -1.0
+        return block + 90.0 * side * np.array([-u[1], u[0]]) - 60.0 * u
+    if np.linalg.norm(agent - behind) > 25.0 and abs(across) > 15.0:
+        return behind
+    return block + 20.0 * u  # push through the block's centre
+
+
+def _circle_waypoint_factory(env) -> Callable[[object, int], np.ndarray]:
+    centre = _block_centre(env)
+    rel = np.array(env.agent.position) - centre
+    start_angle = math.atan2(rel[1], rel[0])
+    radius = 120.0
+    angular_step = 2 * math.pi / 24  # one turn every 24 steps (2.4 s at 10 fps)
+
+    def waypoint(env, step: int) -> np.ndarray:
+        angle = start_angle + angular_step * (step + 1)
+        return centre + radius * np.array([math.cos(angle), math.sin(angle)])
+
+    return waypoint
+
+
+def _corner_waypoint(env, step: int) -> np.ndarray:
+    return np.array([40.0, 40.0])  # image top-left (pusht renders x right, y down)
+
+
+def _pusht_controller(task: str, env) -> Callable[[object, int], np.ndarray]:
+    if task == "push_t":
+        return _push_t_waypoint
+    if task == "circle":
+        return _circle_waypoint_factory(env)
+    if task == "corner":
+        return _corner_waypoint
+    raise ValueError(f"unknown pusht task {task!r}; choose one of {sorted(PUSHT_TASKS)}")
+
+
+def _pusht_action(sim, waypoint, step: int, rng: np.random.Generator | None) -> np.ndarray:
+    """Next pusher target: a bounded step towards the controller's waypoint, plus seeded noise."""
+    agent = np.array(sim.agent.position, dtype=np.float64)
+    delta = waypoint(sim, step) - agent
+    norm = np.linalg.norm(delta)
+    if norm > PUSHT_MAX_STEP_PX:
+        delta *= PUSHT_MAX_STEP_PX / norm
+    if rng is not None:
+        delta += rng.normal(0.0, PUSHT_NOISE_PX, 2)
+    return np.clip(agent + delta, 10.0, PUSHT_WORKSPACE - 10.0).astype(np.float32)
+
+
+def _record_pusht(dataset, task: str, *, n_episodes: int, max_steps: int, image_size: int, seed: int):
+    import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+    import gymnasium as gym
+
+    env = gym.make(
+        "gym_pusht/PushT-v0",
+        obs_type="pixels_agent_pos",
+        render_mode="rgb_array",
+        observation_width=image_size,
+        observation_height=image_size,
+        max_episode_steps=max_steps,
+    )
+    instruction = PUSHT_TASKS[task]
+    try:
+        for episode in range(n_episodes):
+            episode_seed = _episode_seed(seed, episode)
+            noise = np.random.default_rng(episode_seed)
+            obs, _ = env.reset(seed=episode_seed)
+            sim = env.unwrapped
+            waypoint = _pusht_controller(task, sim)
+            for step in range(max_steps):
+                action = _pusht_action(sim, waypoint, step, rng=noise)
+                next_obs, reward, terminated, truncated, info = env.step(action)
+                dataset.add_frame(
+                    {
+                        "observation.image": obs["pixels"],
+                        "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+                        "action": action,
+                        "next.reward": np.array([reward], dtype=np.float32),
+                        "next.success": np.array([bool(info["is_success"])]),
+                        "task": instruction,
+                    }
+                )
+                obs = next_obs
+                if terminated or truncated:
+                    break
+            dataset.save_episode()
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# gym-aloha
+
+
+def _aloha_image_shape(image_size: int) -> tuple[int, int, int]:
+    # The sim's top camera is 480x640 (4:3); keep the aspect so eval frames resize alike.
+    return (image_size, round(image_size * 4 / 3), 3)
+
+
+def _aloha_features(image_size: int) -> dict:
+    from gym_aloha.constants import ACTIONS, JOINTS
+
+    return {
+        "observation.images.top": {
+            "dtype": "image",
+            "shape": _aloha_image_shape(image_size),
+            "names": ["height", "width", "channels"],
+        },
+        "observation.state": {"dtype": "float32", "shape": (14,), "names": {"motors": list(JOINTS)}},
+        "action": {"dtype": "float32", "shape": (14,), "names": {"motors": list(ACTIONS)}},
+        "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
+        "next.success": {"dtype": "bool", "shape": (1,), "names": None},
+    }
+
+
+# Joint offsets from the start pose, per arm: waist, shoulder, elbow, forearm roll, wrist angle,
+# wrist rotate, then the gripper target (normalised: 1 open, 0 closed).
+_ALOHA_REACH_OFFSET = np.array([0.0, 0.45, -0.35, 0.0, 0.35, 0.0])
+
+
+def _aloha_reach_action(start: np.ndarray, step: int, max_steps: int) -> np.ndarray:
+    """Lean both arms forward over the table (first 60 % of the episode), then close the grippers."""
+    progress = min(1.0, (step + 1) / max(1.0, 0.6 * max_steps))
+    action = np.empty(14)
+    for arm in (0, 7):
+        side = 1.0 if arm == 0 else -1.0  # the arms face each other: mirror the waist
+        offset = _ALOHA_REACH_OFFSET * np.array([side, 1, 1, side, 1, side])
+        action[arm : arm + 6] = start[arm : arm + 6] + progress * offset
+        action[arm + 6] = 1.0 if progress < 1.0 else 0.0
+    return action
+
+
+def _record_aloha(dataset, task: str, *, n_episodes: int, max_steps: int, image_size: int, seed: int):
+    if task not in ALOHA_TASKS:
+        raise ValueError(f"unknown aloha task {task!r}; choose one of {sorted(ALOHA_TASKS)}")
+    os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the mujoco import
+    import cv2
+    import gym_aloha  # noqa: F401  (registers gym_aloha/AlohaInsertion-v0)
+    import gymnasium as gym
+
+    env = gym.make(
+        "gym_aloha/AlohaInsertion-v0",
+        obs_type="pixels_agent_pos",
+        render_mode="rgb_array",
+        max_episode_steps=max_steps,
+    )
+    instruction = ALOHA_TASKS[task]
+    height, width, _ = _aloha_image_shape(image_size)
+    try:
+        for episode in range(n_episodes):
+            episode_seed = _episode_seed(seed, episode)
+            noise = np.random.default_rng(episode_seed)
+            obs, _ = env.reset(seed=episode_seed)
+            start = np.asarray(obs["agent_pos"], dtype=np.float64).copy()
+            for step in range(max_steps):
+                action = _aloha_reach_action(start, step, max_steps)
+                joints = np.r_[0:6, 7:13]
+                action[joints] += noise.normal(0.0, ALOHA_NOISE_RAD, joints.size)
+                action = action.astype(np.float32)
+                next_obs, reward, terminated, truncated, info = env.step(action)
+                image = cv2.resize(obs["pixels"]["top"], (width, height), interpolation=cv2.INTER_AREA)
+                dataset.add_frame(
+                    {
+                        "observation.images.top": image,
+                        "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+                        "action": action,
+                        "next.reward": np.array([reward], dtype=np.float32),
+                        "next.success": np.array([bool(info["is_success"])]),
+                        "task": instruction,
+                    }
+                )
+                obs = next_obs
+                if terminated or truncated:
+                    break
+            dataset.save_episode()
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def record_dataset(
+    env: str,
+    task: str,
+    *,
+    repo_id: str,
+    root: Path | str,
+    n_episodes: int,
+    max_steps: int,
+    image_size: int = 96,
+    seed: int = 0,
+    fps: int | None = None,
+    overwrite: bool = False,
+):
+    """Record `n_episodes` scripted episodes of `task` in `env` into a LeRobotDataset at `root`.
+
+    Returns the reloaded `LeRobotDatasetMetadata` (stats included). `fps` defaults to the env's
+    own control rate in lerobot (pusht 10, aloha 50); it only sets the timestamps. `root` must
+    not exist unless `overwrite=True`.
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+    if env not in ENVS:
+        raise ValueError(f"env={env!r} is not supported; choose one of {ENVS}")
+    tasks = PUSHT_TASKS if env == "pusht" else ALOHA_TASKS
+    if task not in tasks:
+        raise ValueError(f"task={task!r} is not a {env} task; choose one of {sorted(tasks)}")
+    if n_episodes < 1:
+        raise ValueError(f"n_episodes={n_episodes} must be >= 1")
+    if max_steps < 2:
+        raise ValueError(f"max_steps={max_steps} must be >= 2 (delta timestamps need two frames)")
+    if image_size < 16:
+        raise ValueError(f"image_size={image_size} must be >= 16 pixels")
+    root = Path(root)
+    if root.exists():
+        if not overwrite:
+            raise FileExistsError(f"dataset root {root} already exists; pass overwrite=True or pick a new root")
+        shutil.rmtree(root)
+
+    features = _pusht_features(image_size) if env == "pusht" else _aloha_features(image_size)
+    default_fps = PUSHT_FPS if env == "pusht" else ALOHA_FPS
+    dataset = LeRobotDataset.create(
+        repo_id,
+        fps or default_fps,
+        features,
+        root=root,
+        robot_type=env,
+        use_videos=False,
+    )
+    record = _record_pusht if env == "pusht" else _record_aloha
+    record(dataset, task, n_episodes=n_episodes, max_steps=max_steps, image_size=image_size, seed=seed)
+    dataset.finalize()
+    return LeRobotDatasetMetadata(repo_id, root=root)
