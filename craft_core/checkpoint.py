@@ -89,6 +89,7 @@ def save_checkpoint(
     run: dict,
     num_processes: int,
     batch_size: int,
+    policy_source_dir: Path | None = None,
 ) -> Path:
     """Write checkpoint ``step`` and point ``checkpoints/last`` at it; returns its folder."""
     final_dir = get_step_checkpoint_dir(Path(out_dir), total_steps, step)
@@ -100,6 +101,7 @@ def save_checkpoint(
     preprocessor.save_pretrained(pretrained_dir)
     postprocessor.save_pretrained(pretrained_dir)
     (pretrained_dir / CRAFT_TRAIN_CONFIG_FILE).write_text(json.dumps(run, indent=2))
+    _copy_tiny_policy_files(policy_source_dir, pretrained_dir)
 
     save_training_state(scratch_dir, step, optimizer, scheduler, num_processes=num_processes,
                         batch_size=batch_size)
@@ -112,6 +114,17 @@ def save_checkpoint(
     os.replace(scratch_dir, final_dir)
     update_last_checkpoint(final_dir)
     return final_dir
+
+
+def _copy_tiny_policy_files(source_dir: Path | None, pretrained_dir: Path) -> None:
+    """A tiny offline policy needs its marker (and local tokenizers) to load again, so carry them."""
+    from craft_core.tiny.build import TOKENIZERS_DIR, copy_tiny_marker
+
+    if source_dir is None or not copy_tiny_marker(source_dir, pretrained_dir):
+        return
+    tokenizers = Path(source_dir) / TOKENIZERS_DIR
+    if tokenizers.is_dir():
+        shutil.copytree(tokenizers, pretrained_dir / TOKENIZERS_DIR, dirs_exist_ok=True)
 
 
 def load_checkpoint_state(checkpoint_dir: Path, optimizer, scheduler) -> tuple[int, dict]:

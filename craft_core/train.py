@@ -57,48 +57,52 @@ class RetentionSetupError(RuntimeError):
 class Anchors:
     """The anchor store as the training loop sees it.
 
-    ``batches(start)`` yields ``(inputs, targets)`` forever, skipping the first ``start``
-    batches (resume); every rank draws the same global batch and keeps its own slice, so N ranks
-    together see exactly the batch one process with N times the anchor batch size would see.
-    ``targets`` are the teacher's pooled hidden states ``[B, L, V, D]`` (``hidden_state`` caches)
-    or its label tokens (``token_level`` caches).
+    ``batches(start)`` yields ``(inputs, targets)`` forever from the store's training split in
+    chunk-aware order, skipping the first ``start`` batches (resume) without reading them. Every
+    rank draws the same global batch and keeps its own slice, so N ranks together see exactly the
+    batch that one process with N times the anchor batch size sees. ``targets`` are the teacher's
+    pooled hidden states ``[B, L, V, D]`` (``hidden_state``) or its label tokens (``token_level``).
     """
 
-    def __init__(self, store, *, kind: str, layers: list[int], pooling: list[str], batch_size: int,
+    def __init__(self, store_url: str, *, kind: str, layers: list[int], pooling: list[str], batch_size: int,
                  seed: int, rank: int, world_size: int, shuffle_window_chunks: int):
-        self.store = store
+        from craft_core.store import AnchorDataset
+
+        self.dataset = AnchorDataset(store_url, split="train", validate=False)  # validated by open_anchors
         self.kind = kind
         self.layers = layers
         self.pooling = pooling
         self.batch_size = batch_size
-        self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.shuffle_window_chunks = shuffle_window_chunks
+        self.sampler = self.dataset.sampler(batch_size * world_size, window_chunks=shuffle_window_chunks,
+                                            shuffle=True, drop_last=True, seed=seed)
+        if len(self.sampler) == 0:
+            raise RetentionSetupError(
+                f"anchor store {store_url} has {len(self.dataset)} training anchors, fewer than one batch of "
+                f"train.retention.anchor_batch_size={batch_size} x {world_size} process(es); lower "
+                "anchor_batch_size or build a larger cache (cache.n_anchors)"
+            )
 
     def batches(self, start: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        from craft_core.store import AnchorDataset
-
-        dataset = AnchorDataset(self.store, split="train", with_labels=self.kind == "token_level")
-        global_batch = self.batch_size * self.world_size
         done, epoch = 0, 0
         while True:
-            for indices in dataset.batch_indices(global_batch, seed=self.seed + epoch,
-                                                 window_chunks=self.shuffle_window_chunks, drop_last=True):
-                if done < start:  # resume: skip without reading any data
-                    done += 1
-                    continue
+            self.sampler.set_epoch(epoch)
+            for positions in self.sampler:
                 done += 1
-                mine = indices[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-                yield dataset.read(mine)
+                if done <= start:
+                    continue
+                mine = positions[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                batch = torch.utils.data.default_collate(self.dataset.__getitems__(mine))
+                yield batch["inputs"], batch["teacher_hidden" if self.kind == "hidden_state" else "labels"]
             epoch += 1
 
     def loss(self, adapter, inputs: dict[str, Tensor], targets: Tensor, kind: str) -> Tensor:
         from craft_core.losses import retention_loss
 
         if self.kind == "token_level":
-            # The policy's own loss on the teacher's tokens: a distillation of its outputs.
-            return adapter.token_level_loss(inputs, targets.to(adapter.device))
+            # The policy's own loss on the teacher's label tokens (distillation of its outputs).
+            return adapter.token_level_loss(inputs, targets)
         student = adapter.pooled(inputs, self.layers, self.pooling)
         return retention_loss(student, targets.to(student.device), kind)
 
@@ -109,40 +113,36 @@ def open_anchors(store_url: str, *, adapter, teacher: PolicySource, cfg: TrainCo
     from craft_core.store import AnchorStoreError, open_anchor_store
 
     try:
-        store = open_anchor_store(store_url)
+        # Checks completeness, schema, kind, policy type, depth, hidden size and the prefix inputs.
+        store = open_anchor_store(store_url, student_adapter=adapter)
     except AnchorStoreError as exc:
-        raise RetentionSetupError(f"retention is on but the anchor store cannot be used: {exc}") from exc
+        raise RetentionSetupError(
+            f"retention is on but the anchor store cannot be used (craft never falls back to baseline "
+            f"training): {exc}"
+        ) from exc
     attrs = store.attrs
     problems = []
-    kind = attrs.get("kind")
-    if kind not in ("hidden_state", "token_level"):
-        problems.append(f"kind is {kind!r}, expected 'hidden_state' or 'token_level'")
-    if kind == "token_level" and not hasattr(adapter, "token_level_loss"):
-        problems.append(f"kind is 'token_level' but policy type {adapter.policy_type!r} has no token-level loss")
-    stored_teacher = attrs.get("teacher", {})
-    if stored_teacher.get("policy_type") != adapter.policy_type:
-        problems.append(f"teacher policy type is {stored_teacher.get('policy_type')!r}, the student is "
-                        f"{adapter.policy_type!r}")
+    if store.kind == "token_level" and not hasattr(adapter, "token_level_loss"):
+        problems.append(f"it is a token_level cache but policy type {adapter.policy_type!r} has no token-level "
+                        "loss; use a hidden_state cache")
+    stored_teacher = attrs.get("teacher") or {}
     if not _same_policy_source(stored_teacher, teacher):
-        problems.append(f"teacher is {stored_teacher.get('path')!r} (revision {stored_teacher.get('revision')!r}),"
-                        f" the student starts from {teacher.path!r} (revision {teacher.revision!r})")
-    if attrs.get("hidden_size") != adapter.hidden_size:
-        problems.append(f"hidden size is {attrs.get('hidden_size')}, the student's is {adapter.hidden_size}")
-    if attrs.get("depth") is not None and attrs.get("depth") != adapter.depth:
-        problems.append(f"backbone depth is {attrs.get('depth')}, the student's is {adapter.depth}")
+        problems.append(f"its teacher is {stored_teacher.get('path')!r} (revision {stored_teacher.get('revision')!r})"
+                        f" but the student starts from {teacher.path!r} (revision {teacher.revision!r})")
     layers = list(attrs.get("layers") or [])
-    try:
-        if not layers or adapter.resolve_layers(layers) != layers:
-            problems.append(f"layers {layers} are not absolute hidden-state indices of the student")
-    except ValueError as exc:
-        problems.append(f"layers {layers} do not fit the student: {exc}")
+    if store.kind == "hidden_state":
+        try:
+            if adapter.resolve_layers(layers) != layers:
+                problems.append(f"its layers {layers} are not absolute hidden-state indices of the student")
+        except ValueError as exc:
+            problems.append(f"its layers {layers} do not fit the student: {exc}")
     if problems:
         raise RetentionSetupError(
             f"anchor store {store_url} does not fit this run: " + "; ".join(problems)
-            + ". Rebuild the cache with this teacher (cache stage) or point train at the right store;"
-            " craft never falls back to baseline training."
+            + ". Re-run the cache stage with this run's teacher or point train at the matching store; "
+            "craft never falls back to baseline training."
         )
-    return Anchors(store, kind=kind, layers=layers, pooling=list(attrs["pooling"]),
+    return Anchors(store_url, kind=store.kind, layers=layers, pooling=list(attrs.get("pooling") or []),
                    batch_size=cfg.retention.anchor_batch_size, seed=cfg.seed, rank=rank,
                    world_size=world_size, shuffle_window_chunks=cfg.retention.shuffle_window_chunks)
 
@@ -430,6 +430,7 @@ def train(
                                      "skipped_nonfinite": skipped_nonfinite, "anchor_batches": anchor_batches_done,
                                      "cache_type": cache_type},
                         run=run, num_processes=accelerator.num_processes, batch_size=cfg.batch_size,
+                        policy_source_dir=Path(source.path) if Path(source.path).is_dir() else None,
                     )
                 accelerator.wait_for_everyone()
     finally:
