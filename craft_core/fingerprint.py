@@ -6,8 +6,9 @@ A stage's output lives in ``<artifacts_root>/<stage>/<fingerprint>/``. The finge
   config gives the same fingerprint wherever the artifacts live),
 * the fingerprints of the stages it consumes (a changed upstream re-runs everything downstream),
 * the stage's *code version*: a hash of the source of every ``craft_core`` module the stage's
-  entry module imports, found by walking the imports (plus the lerobot / transformers versions
-  that define the policies). Chosen over hand-bumped version constants because nobody forgets to
+  entry module imports, found by walking the imports (a subpackage such as ``adapters/`` or
+  ``tiny/`` counts whole, since its registry imports members by name), plus the lerobot /
+  transformers versions that define the policies. Chosen over hand-bumped version constants because nobody forgets to
   bump it: editing ``losses.py`` re-runs training but not extraction. The price is that a comment
   edit also re-runs the stages that import the edited module, which is the safe direction.
 
@@ -22,6 +23,7 @@ partial content when run again. A lock file serialises two runs of the same stag
 import ast
 import datetime as dt
 import fcntl
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -129,6 +131,10 @@ def module_closure(entry_module: str) -> list[Path]:
             continue
         seen[path] = None
         todo.extend(_module_path(m) for m in _imported_modules(path))
+        # Subpackages are registries (adapters/, tiny/) that import their members by name at run
+        # time (importlib), which no import statement shows: touching one counts all its modules.
+        if path.parent != PACKAGE_ROOT:
+            todo.extend(path.parent.glob("*.py"))
     return sorted(seen)
 
 
@@ -138,13 +144,20 @@ def code_version(entry_module: str) -> str:
     for path in module_closure(entry_module):
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
-    for library in VERSIONED_LIBRARIES:
-        try:
-            version = importlib.metadata.version(library)
-        except importlib.metadata.PackageNotFoundError:
-            version = "absent"
+    for library, version in _library_versions():
         digest.update(f"{library}=={version}\0".encode())
     return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+@functools.cache
+def _library_versions() -> tuple[tuple[str, str], ...]:
+    versions = []
+    for library in VERSIONED_LIBRARIES:
+        try:
+            versions.append((library, importlib.metadata.version(library)))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append((library, "absent"))
+    return tuple(versions)
 
 
 def stage_fingerprint(stage: str, config: Any, upstream: dict[str, str] | None = None, code: str = "") -> str:
