@@ -1,0 +1,164 @@
+"""pi0_fast: PaliGemma prefix = [image tokens of every camera | prompt tokens (task + discretised state)].
+
+Stored per anchor (``input_spec``):
+
+- ``images`` ``[n_cameras, 3, H, W]`` uint8 — each camera after the policy's own
+  ``_preprocess_images`` (resize-with-pad to ``image_resolution``), quantised to uint8 with
+  rounding; missing cameras are the policy's own padding image (uint8 0 = -1 after scaling).
+- ``image_masks`` ``[n_cameras]`` bool — False for cameras the policy padded (empty cameras).
+- ``lang_tokens`` ``[tokenizer_max_length]`` int32 and ``lang_masks`` bool — the right-padded
+  prompt ``Task: ..., State: <256-bin state>;\\n`` tokenised by the policy's preprocessor. The
+  state normalised with the *anchor* dataset's statistics is thus part of the stored inputs.
+
+Turning stored arrays back into model inputs reuses ``_preprocess_images`` (uint8/255 is at
+model resolution already, so only its [0,1] -> [-1,1] scaling applies), and the hidden states
+come from the policy's own ``embed_prefix_fast`` run through the PaliGemma language model exactly
+as ``PI0FastPytorch.forward`` runs it (4-D mask from ``prepare_attention_masks_4d``, position ids
+``cumsum(pad) - 1``).
+"""
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from craft_core.adapters.base import ArraySpec, PolicyAdapter, PrefixHiddenStates, register_adapter
+
+OBS_LANGUAGE_TOKENS = "observation.language.tokens"
+OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
+ACTION_TOKENS = "action.tokens"
+ACTION_TOKEN_MASK = "action.token_mask"
+
+
+def quantise_unit_images(images: Tensor) -> Tensor:
+    """[0, 1] float images -> uint8 with rounding (what the anchor store keeps)."""
+    return torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
+
+
+@register_adapter
+class Pi0FastAdapter(PolicyAdapter):
+    policy_type = "pi0_fast"
+
+    # -- backbone ------------------------------------------------------------------------------
+    @property
+    def _language_model(self):
+        return self.policy.model.paligemma_with_expert.paligemma.model.language_model
+
+    @property
+    def depth(self) -> int:
+        return int(self._language_model.config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self._language_model.config.hidden_size)
+
+    # -- stored inputs -------------------------------------------------------------------------
+    @property
+    def _camera_keys(self) -> list[str]:
+        return list(self.policy.config.image_features)
+
+    def input_spec(self) -> dict[str, ArraySpec]:
+        cfg = self.policy.config
+        height, width = (int(s) for s in cfg.image_resolution)
+        n_cameras = len(self._camera_keys)
+        length = int(cfg.tokenizer_max_length)
+        return {
+            "images": ArraySpec((n_cameras, 3, height, width), "uint8"),
+            "image_masks": ArraySpec((n_cameras,), "bool"),
+            "lang_tokens": ArraySpec((length,), "int32"),
+            "lang_masks": ArraySpec((length,), "bool"),
+        }
+
+    @torch.no_grad()
+    def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
+        for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
+            if key not in batch:
+                raise KeyError(
+                    f"pi0_fast anchor inputs need {key!r} in the batch: pass the output of the policy's "
+                    "preprocessor (make_processors), not a raw dataset batch"
+                )
+        images, image_masks = self.policy._preprocess_images(batch)  # policy's own resize-with-pad, [-1, 1]
+        # Back to [0, 1] at model resolution; the policy's own scaling is x * 2 - 1.
+        images = torch.stack([quantise_unit_images((img + 1.0) / 2.0) for img in images], dim=1)
+        return {
+            "images": images.cpu(),
+            "image_masks": torch.stack(image_masks, dim=1).cpu(),
+            "lang_tokens": batch[OBS_LANGUAGE_TOKENS].to(torch.int32).cpu(),
+            "lang_masks": batch[OBS_LANGUAGE_ATTENTION_MASK].bool().cpu(),
+        }
+
+    def model_inputs(self, inputs: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """Stored arrays -> (images, img_masks, tokens, masks) as ``PI0FastPytorch`` takes them."""
+        missing = set(self.input_spec()) - set(inputs)
+        if missing:
+            raise KeyError(f"pi0_fast prefix inputs lack {sorted(missing)}; expected {sorted(self.input_spec())}")
+        device = self.device
+        stored = inputs["images"].to(device)
+        if stored.dtype != torch.uint8:
+            raise TypeError(f"pi0_fast stored 'images' must be uint8, got {stored.dtype}")
+        keys = self._camera_keys
+        if stored.shape[1] != len(keys):
+            raise ValueError(f"stored 'images' have {stored.shape[1]} cameras, the policy expects {len(keys)}: {keys}")
+        unit = {key: stored[:, i].to(torch.float32) / 255.0 for i, key in enumerate(keys)}
+        images, _ = self.policy._preprocess_images(unit)  # the policy's own [0, 1] -> [-1, 1]
+        image_masks = list(inputs["image_masks"].to(device).bool().unbind(dim=1))
+        tokens = inputs["lang_tokens"].to(device).long()
+        masks = inputs["lang_masks"].to(device).bool()
+        return images, image_masks, tokens, masks
+
+    # -- hidden states -------------------------------------------------------------------------
+    def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:
+        from lerobot.policies.common.vla_utils import prepare_attention_masks_4d
+
+        absolute = self.resolve_layers(layers)
+        images, image_masks, tokens, masks = self.model_inputs(inputs)
+        model = self.policy.model
+        embs, pad_masks, att_masks, n_image_tokens, _ = model.embed_prefix_fast(images, image_masks, tokens, masks)
+        if self._language_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16:
+            embs = embs.to(dtype=torch.bfloat16)  # as PI0FastPytorch.forward does
+        output = self._language_model(
+            inputs_embeds=embs,
+            attention_mask=prepare_attention_masks_4d(att_masks, dtype=embs.dtype),
+            position_ids=torch.cumsum(pad_masks, dim=1) - 1,
+            use_cache=False,
+            output_hidden_states=True,
+        )
+        hidden = torch.stack([output.hidden_states[layer] for layer in absolute], dim=1)
+
+        n_language = tokens.shape[1]
+        image_mask = torch.zeros_like(pad_masks, dtype=torch.bool)
+        image_mask[:, :n_image_tokens] = pad_masks[:, :n_image_tokens]
+        text_mask = torch.zeros_like(pad_masks, dtype=torch.bool)
+        text_mask[:, n_image_tokens : n_image_tokens + n_language] = pad_masks[
+            :, n_image_tokens : n_image_tokens + n_language
+        ]
+        return PrefixHiddenStates(hidden=hidden, image_mask=image_mask, text_mask=text_mask)
+
+    # -- token-level caches --------------------------------------------------------------------
+    def label_spec(self) -> dict[str, ArraySpec]:
+        """Per-anchor FAST action-token labels (``token_level`` caches)."""
+        length = int(self.policy.config.max_action_tokens)
+        return {"action_tokens": ArraySpec((length,), "int32"), "action_token_mask": ArraySpec((length,), "bool")}
+
+    @torch.no_grad()
+    def anchor_labels(self, batch: dict) -> dict[str, Tensor]:
+        """The FAST action tokens the policy's preprocessor made from a batch's actions."""
+        if ACTION_TOKENS not in batch:
+            raise KeyError(f"batch has no {ACTION_TOKENS!r}: run the policy's preprocessor on a batch with actions")
+        return {
+            "action_tokens": batch[ACTION_TOKENS].to(torch.int32).cpu(),
+            "action_token_mask": batch[ACTION_TOKEN_MASK].bool().cpu(),
+        }
+
+    def token_level_loss(self, inputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
+        """The policy's own FAST cross-entropy on stored prefix inputs and stored action-token labels."""
+        images, image_masks, tokens, masks = self.model_inputs(inputs)
+        device = self.device
+        return self.policy.model.forward(
+            images,
+            image_masks,
+            tokens,
+            masks,
+            labels["action_tokens"].to(device).long(),
+            labels["action_token_mask"].to(device).bool(),
+        )["loss"]

@@ -1,0 +1,322 @@
+"""Loading lerobot policies and their processors: hub ids and local folders, tiny or full size.
+
+Everything goes through lerobot's own machinery (``PreTrainedConfig.from_pretrained``,
+``make_policy`` / ``<Policy>.from_pretrained``, ``make_pre_post_processors``). craft adds three
+things:
+
+- **tiny folders** (``craft_core.tiny.build_tiny_policy``) carry ``craft_tiny.json``; building a
+  policy from them must happen inside ``tiny_lerobot_models`` (pi0_fast hard-codes its backbone
+  size). ``policy_loading_context(path)`` enters it iff the folder is tiny and is a no-op
+  otherwise, so hub checkpoints load exactly as lerobot loads them. A checkpoint saved from a
+  tiny policy is recognised as tiny too: either it carries a copy of ``craft_tiny.json``
+  (``craft_core.tiny.copy_tiny_marker``) or its ``config.json`` points at tokenizers inside a
+  tiny folder.
+- **relocation**: tiny folders reference their local tokenizer folders by absolute path (lerobot
+  would resolve relative names against the working directory); when the folder has been moved,
+  ``load_policy_config`` and ``make_processors`` re-point them to ``<folder>/tokenizers/...``.
+- **checks** with clear errors: missing folder, no ``config.json``, unknown policy type, and
+  weights that lerobot failed to load (pi0_fast's ``from_pretrained`` only prints a warning and
+  returns a randomly initialised model).
+
+Loading a teacher (frozen) and building a student (trainable copy) — the pattern for every stage::
+
+    from craft_core.policy_io import load_policy, make_processors
+
+    teacher = load_policy(source, ds_meta=meta, device=device)   # eval mode, requires_grad off
+    preprocessor, postprocessor = make_processors(teacher, pretrained_path=source.path)
+    student = load_policy(source, ds_meta=meta, device=device, trainable=True)
+
+    # or with lerobot's factory directly (what lerobot_train does), inside the loading context:
+    from lerobot.policies.factory import make_policy
+    cfg = load_policy_config(source)             # cfg.pretrained_path is set, tokenizers resolved
+    with policy_loading_context(source.path):
+        student = make_policy(cfg, ds_meta=meta)
+
+When saving a checkpoint of a policy loaded from a tiny folder, call
+``craft_core.tiny.copy_tiny_marker(teacher_folder, checkpoint_folder)`` after ``save_pretrained``.
+"""
+
+import json
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from craft_core.config import PolicySource
+from craft_core.tiny.build import TINY_MARKER, read_tiny_spec
+
+CONFIG_NAME = "config.json"
+PREPROCESSOR_CONFIG = "policy_preprocessor.json"
+
+# Config fields (per policy type) that name local tokenizer / backbone folders of tiny policies,
+# and the processor steps that repeat them: {field: [(step registry name, step field), ...]}.
+_TINY_PATH_FIELDS: dict[str, dict[str, list[tuple[str, str]]]] = {
+    "pi0_fast": {
+        "text_tokenizer_name": [
+            ("tokenizer_processor", "tokenizer_name"),
+            ("action_tokenizer_processor", "paligemma_tokenizer_name"),
+        ],
+        "action_tokenizer_name": [("action_tokenizer_processor", "action_tokenizer_name")],
+    },
+    "smolvla": {"vlm_model_name": [("tokenizer_processor", "tokenizer_name")]},
+}
+
+
+class PolicyLoadError(RuntimeError):
+    """A policy source that cannot be loaded, with what is wrong and what to do."""
+
+
+def _as_source(source: PolicySource | str | Path) -> PolicySource:
+    if isinstance(source, PolicySource):
+        return source
+    return PolicySource(path=str(source))
+
+
+def _looks_local(path: str) -> bool:
+    # A hub repo id is exactly "owner/name"; anything else (absolute, ./, ~, more segments) is a path.
+    return Path(path).expanduser().exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+
+
+def _local_folder(path: str) -> Path | None:
+    """The local folder of ``path``, None for a hub id; raises when a local path is unusable."""
+    if not _looks_local(path):
+        return None
+    folder = Path(path).expanduser().absolute()
+    if not folder.exists():
+        raise PolicyLoadError(
+            f"policy folder {folder} does not exist; pass a folder written by save_pretrained "
+            "(config.json + model.safetensors) or a hub repo id such as 'lerobot/pi0fast-base'"
+        )
+    if not folder.is_dir():
+        raise PolicyLoadError(f"policy path {folder} is a file, not a folder; pass the folder that holds config.json")
+    if not (folder / CONFIG_NAME).is_file():
+        raise PolicyLoadError(
+            f"policy folder {folder} has no {CONFIG_NAME}; pass the 'pretrained_model' folder of a "
+            "checkpoint (the one save_pretrained wrote)"
+        )
+    return folder
+
+
+def _read_config_json(source: PolicySource) -> dict:
+    folder = _local_folder(source.path)
+    if folder is not None:
+        return json.loads((folder / CONFIG_NAME).read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source.path, CONFIG_NAME, revision=source.revision)).read_text())
+    except Exception as exc:  # offline, missing repo, missing file: all mean "cannot read its config"
+        raise PolicyLoadError(
+            f"cannot read {CONFIG_NAME} of hub policy {source.path!r} (revision {source.revision!r}): {exc}. "
+            "Offline (HF_HUB_OFFLINE=1) only local folders and cached repos work."
+        ) from exc
+
+
+def policy_type_of(source: PolicySource | str | Path) -> str:
+    """The lerobot policy type (``config.json``'s ``type``) of a hub id or local folder."""
+    source = _as_source(source)
+    policy_type = _read_config_json(source).get("type")
+    if not policy_type:
+        raise PolicyLoadError(f"{CONFIG_NAME} of {source.path} has no 'type' field; it is not a lerobot policy")
+    return policy_type
+
+
+def tiny_spec_of(path: str | Path) -> dict | None:
+    """``craft_tiny.json`` governing a local folder, or None (hub ids, full-size folders).
+
+    Looked for in the folder itself, then in the tiny folders its ``config.json`` points to (a
+    checkpoint of a fine-tuned tiny policy references the teacher's tokenizer folders).
+    """
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    spec = read_tiny_spec(folder)
+    if spec is not None:
+        return spec
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    for field in _TINY_PATH_FIELDS.get(config.get("type"), {}):
+        value = config.get(field)
+        if not value or not Path(value).is_absolute():
+            continue
+        # <tiny folder>/tokenizers/<name>: the marker sits two levels up.
+        for ancestor in list(Path(value).parents)[:2]:
+            spec = read_tiny_spec(ancestor)
+            if spec is not None:
+                return spec
+    return None
+
+
+@contextmanager
+def policy_loading_context(path: str | Path | PolicySource | None) -> Iterator[dict | None]:
+    """Enter ``tiny_lerobot_models`` iff ``path`` is a tiny folder (yields its spec, else None)."""
+    if isinstance(path, PolicySource):
+        path = path.path
+    spec = tiny_spec_of(path) if path is not None else None
+    if spec is None:
+        with nullcontext():
+            yield None
+        return
+    from craft_core.tiny.patching import tiny_lerobot_models
+
+    with tiny_lerobot_models(spec):
+        yield spec
+
+
+def _tiny_path_overrides(folder: Path, config: dict | Any, spec: dict) -> dict[str, str]:
+    """Config fields to re-point at ``folder``'s own tokenizers when the recorded ones are gone."""
+    policy_type = spec["policy_type"]
+    relative = spec.get("tokenizers", {})
+    overrides = {}
+    for field in _TINY_PATH_FIELDS.get(policy_type, {}):
+        current = config.get(field) if isinstance(config, dict) else getattr(config, field, None)
+        if current and Path(current).exists():
+            continue
+        if field in relative and (folder / relative[field]).exists():
+            overrides[field] = str(folder / relative[field])
+        elif current:
+            raise PolicyLoadError(
+                f"tiny policy {folder}: {field}={current!r} does not exist and the folder has no "
+                f"{relative.get(field, 'tokenizers/...')}; rebuild it with craft_core.tiny.build_tiny_policy"
+            )
+    return overrides
+
+
+def load_policy_config(source: PolicySource | str | Path):
+    """The policy's ``PreTrainedConfig`` with ``pretrained_path``/``pretrained_revision`` set.
+
+    For a moved tiny folder, tokenizer paths are re-pointed at the folder's own copies.
+    """
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class  # noqa: F401  (registers every config class)
+
+    source = _as_source(source)
+    folder = _local_folder(source.path)
+    policy_type = policy_type_of(source)
+    known = PreTrainedConfig.get_known_choices()
+    if policy_type not in known:
+        raise PolicyLoadError(
+            f"policy type {policy_type!r} of {source.path} is not a lerobot policy type; known: {sorted(known)}"
+        )
+    cfg = PreTrainedConfig.from_pretrained(str(folder) if folder else source.path, revision=source.revision)
+    cfg.pretrained_path = str(folder) if folder else source.path
+    if hasattr(cfg, "pretrained_revision"):
+        cfg.pretrained_revision = source.revision
+    spec = tiny_spec_of(folder) if folder else None
+    if spec is not None:
+        for field, value in _tiny_path_overrides(folder, cfg, spec).items():
+            setattr(cfg, field, value)
+    return cfg
+
+
+def load_policy(
+    source: PolicySource | str | Path,
+    *,
+    ds_meta=None,
+    device: str | torch.device = "cpu",
+    trainable: bool = False,
+):
+    """Load a pretrained lerobot policy (hub id or local folder) onto ``device``.
+
+    With ``ds_meta`` it goes through lerobot's ``make_policy(cfg, ds_meta=...)`` (output
+    features taken from the dataset, as lerobot_train does); without, through the policy class's
+    ``from_pretrained``. Returns the policy in eval mode with gradients off unless ``trainable``.
+    """
+    from lerobot.policies.factory import get_policy_class, make_policy
+
+    source = _as_source(source)
+    cfg = load_policy_config(source)
+    cfg.device = str(device)
+    with policy_loading_context(cfg.pretrained_path if _local_folder(source.path) else None):
+        if ds_meta is not None:
+            policy = make_policy(cfg, ds_meta=ds_meta)
+        else:
+            policy = get_policy_class(cfg.type).from_pretrained(
+                cfg.pretrained_path, config=cfg, revision=source.revision
+            )
+    policy.to(device)
+    folder = _local_folder(source.path)
+    if folder is not None:
+        _check_weights_loaded(policy, folder)
+    policy.train(trainable)
+    policy.requires_grad_(trainable)
+    return policy
+
+
+def _check_weights_loaded(policy: torch.nn.Module, folder: Path) -> None:
+    """Fail loudly when lerobot silently fell back to random weights (pi0_fast does that)."""
+    from safetensors import safe_open
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise PolicyLoadError(f"policy folder {folder} has no model.safetensors; it holds no trained weights")
+    state = policy.state_dict()
+    with safe_open(str(weights), framework="pt") as stored:
+        keys = list(stored.keys())
+        for key in (keys[0], keys[-1]):
+            ours = state.get(key, state.get(f"model.{key}"))
+            if ours is None:
+                continue
+            if not torch.equal(ours.detach().cpu().to(stored.get_tensor(key).dtype), stored.get_tensor(key)):
+                raise PolicyLoadError(
+                    f"weights of {folder} were not loaded into the {policy.config.type} policy (parameter {key} "
+                    "differs from model.safetensors); lerobot printed why above — usually a config.json that "
+                    "does not match the weights"
+                )
+
+
+def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_path: str | Path | None = None):
+    """The policy's (preprocessor, postprocessor) through lerobot's ``make_pre_post_processors``.
+
+    With ``pretrained_path`` the saved pipelines are loaded (as lerobot_eval / lerobot_train do),
+    on the policy's device and features; ``dataset_stats``, when given, replaces the saved
+    normalisation statistics (lerobot_train does the same when fine-tuning on a new dataset).
+    Without it, fresh pipelines are built from the policy config and ``dataset_stats``.
+    """
+    from lerobot.policies.factory import make_pre_post_processors
+
+    cfg = policy.config
+    device = str(next(policy.parameters()).device)
+    if pretrained_path is None:
+        if dataset_stats is None:
+            raise ValueError(
+                "make_processors needs dataset_stats (to build fresh processors) or pretrained_path (to load the "
+                "saved ones, e.g. the folder the policy was loaded from)"
+            )
+        return make_pre_post_processors(cfg, dataset_stats=dataset_stats)
+
+    pretrained_path = str(pretrained_path)
+    folder = _local_folder(pretrained_path)
+    if folder is not None and not (folder / PREPROCESSOR_CONFIG).is_file():
+        raise PolicyLoadError(
+            f"policy folder {folder} has no {PREPROCESSOR_CONFIG}; pass dataset_stats and no pretrained_path to "
+            "build fresh processors from the policy config"
+        )
+    features = {**cfg.input_features, **cfg.output_features}
+    pre_overrides: dict[str, dict] = {
+        "device_processor": {"device": device},
+        "normalizer_processor": {"features": features, "norm_map": cfg.normalization_mapping},
+    }
+    post_overrides: dict[str, dict] = {
+        "unnormalizer_processor": {"features": cfg.output_features, "norm_map": cfg.normalization_mapping},
+    }
+    if dataset_stats is not None:
+        pre_overrides["normalizer_processor"]["stats"] = dataset_stats
+        post_overrides["unnormalizer_processor"]["stats"] = dataset_stats
+    spec = tiny_spec_of(folder) if folder is not None else None
+    if spec is not None:
+        # Tiny tokenizers are local folders: point every step that loads one at the policy's own
+        # (lerobot does not save action_tokenizer_processor's paligemma_tokenizer_name at all).
+        for field, steps in _TINY_PATH_FIELDS.get(cfg.type, {}).items():
+            for step, step_field in steps:
+                pre_overrides.setdefault(step, {})[step_field] = getattr(cfg, field)
+    return make_pre_post_processors(
+        cfg,
+        pretrained_path=pretrained_path,
+        pretrained_revision=getattr(cfg, "pretrained_revision", None),
+        preprocessor_overrides=pre_overrides,
+        postprocessor_overrides=post_overrides,
+    )
