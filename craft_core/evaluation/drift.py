@@ -1,0 +1,121 @@
+"""Representation drift: how far a policy's pooled hidden states moved from the teacher's.
+
+Measured on the anchor store's held-out anchors (never used as a training constraint), with the
+same adapter, absolute layers and pooling strategies the store was built with, so the teacher
+itself drifts by ~0 (exactly 0 up to float rounding with a float32 store; a float16 store adds
+its own storage rounding, ~1e-7 in mse for unit-scale activations).
+"""
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+
+class DriftAccumulator:
+    """Running per-(layer, pooled vector) sums of mse and cosine distance over anchors.
+
+    Distances are computed in float64: the teacher-vs-teacher case must come out at rounding
+    level, and ``1 - cos`` in float32 alone is ~1e-7 for identical vectors.
+    """
+
+    def __init__(self, layers: list[int], pooling: list[str]):
+        self.layers = list(layers)
+        self.pooling = list(pooling)
+        self.n = 0
+        self.mse_sum = torch.zeros(len(layers), len(pooling), dtype=torch.float64)
+        self.cos_sum = torch.zeros(len(layers), len(pooling), dtype=torch.float64)
+
+    def add(self, student: Tensor, teacher: Tensor) -> None:
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"pooled hidden states of the evaluated policy have shape {tuple(student.shape)} but the "
+                f"store's teacher_hidden has {tuple(teacher.shape)} ([B, layers, pooled, hidden])"
+            )
+        s = student.detach().to("cpu", torch.float64)
+        t = teacher.detach().to("cpu", torch.float64)
+        self.mse_sum += ((s - t) ** 2).mean(dim=-1).sum(dim=0)
+        self.cos_sum += (1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)).sum(dim=0)
+        self.n += s.shape[0]
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise ValueError("no held-out anchors were read: nothing to measure drift on")
+        mse = self.mse_sum / self.n
+        cos = self.cos_sum / self.n
+        per_vector = [
+            {"layer": layer, "pooling": strategy, "mse": float(mse[i, j]), "cosine": float(cos[i, j])}
+            for i, layer in enumerate(self.layers)
+            for j, strategy in enumerate(self.pooling)
+        ]
+        return {
+            "n_anchors": self.n,
+            "layers": self.layers,
+            "pooling": self.pooling,
+            # Means over all layers and pooled vectors: the retention loss's own reduction.
+            "mse": float(mse.mean()),
+            "cosine": float(cos.mean()),
+            "per_vector": per_vector,
+        }
+
+
+def measure_drift(
+    policy, batches: Iterable[tuple[dict[str, Tensor], Tensor]], layers: list[int], pooling: list[str]
+) -> dict:
+    """Drift of ``policy`` over ``(stored inputs, teacher_hidden)`` batches of held-out anchors."""
+    from craft_core.adapters import get_adapter
+
+    adapter = get_adapter(policy)
+    accumulator = DriftAccumulator(layers, pooling)
+    was_training = policy.training
+    policy.eval()
+    try:
+        with torch.no_grad():
+            for inputs, teacher_hidden in batches:
+                student = adapter.pooled(inputs, layers, pooling)
+                accumulator.add(student, torch.as_tensor(teacher_hidden))
+    finally:
+        policy.train(was_training)
+    return accumulator.result()
+
+
+class HeldoutAnchors:
+    """The held-out split of an anchor store, validated once, measured per evaluated policy."""
+
+    def __init__(self, store_url: str):
+        from craft_core.store import open_anchor_store
+
+        store = open_anchor_store(store_url)
+        self.url = store.url
+        self.info = store.info()
+        if store.kind != "hidden_state":
+            raise ValueError(
+                f"anchor store {self.url} is a {store.kind} cache: it holds no teacher hidden states to measure "
+                f"drift against. Point eval at a hidden_state store, or set eval.drift=false."
+            )
+        if self.info["n_heldout"] == 0:
+            raise ValueError(
+                f"anchor store {self.url} has no held-out anchors, so drift cannot be measured without using "
+                f"training anchors. Re-run the cache stage with cache.heldout_fraction > 0, or set eval.drift=false."
+            )
+        self.layers = [int(layer) for layer in self.info["layers"]]
+        self.pooling = list(self.info["pooling"])
+
+    def drift(self, policy, batch_size: int) -> dict:
+        """Drift of ``policy`` on every held-out anchor (store checked against the policy first)."""
+        from craft_core.adapters import get_adapter
+        from craft_core.store import AnchorDataset
+
+        # Checks policy type, depth, hidden size and prefix input spec against the store's teacher;
+        # values were validated when the store was opened.
+        dataset = AnchorDataset(self.url, split="heldout", validate=False, student_adapter=get_adapter(policy))
+        batches = (
+            (batch["inputs"], batch["teacher_hidden"]) for batch in dataset.loader(batch_size, shuffle=False)
+        )
+        result = measure_drift(policy, batches, self.layers, self.pooling)
+        result["teacher_hidden_dtype"] = self.info["dtype"]
+        return result
+
+
+def open_heldout(store_url: str) -> HeldoutAnchors:
+    return HeldoutAnchors(store_url)

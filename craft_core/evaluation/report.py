@@ -1,0 +1,117 @@
+"""report.json / report.md of the eval stage, and the run-comparison table."""
+
+import json
+import math
+from pathlib import Path
+
+
+def comparison_rows(report: dict) -> list[dict]:
+    """One row per evaluated run: success and reward per sim env, drift, final task loss.
+
+    Keys are human-readable column names; a value is None where a run has no such result (e.g.
+    drift without an anchor store, a final task loss for the untrained teacher).
+    """
+    rows = []
+    for run in report["runs"]:
+        row: dict = {"run": run}
+        for key, result in report.get("sim", {}).get(run, {}).items():
+            row[f"{key} success %"] = 100.0 * result["success_rate"]
+            row[f"{key} avg sum reward"] = result["avg_sum_reward"]
+            row[f"{key} avg max reward"] = result["avg_max_reward"]
+        drift = report.get("drift", {}).get(run)
+        if report.get("drift"):
+            row["drift mse"] = drift["mse"] if drift else None
+            row["drift cosine"] = drift["cosine"] if drift else None
+        if report.get("train"):
+            row["final task loss"] = report["train"].get(run, {}).get("final_task_loss")
+        rows.append(row)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return [{column: row.get(column) for column in columns} for row in rows]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["(none)"]
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(report: dict) -> str:
+    lines = ["# craft evaluation report", ""]
+    lines += [f"Created {report['created']}; craft {report['craft_version']}.", ""]
+    lines += ["## Comparison", ""] + _table(comparison_rows(report)) + [""]
+
+    lines += ["## Runs", ""]
+    lines += _table(
+        [{"run": name, "policy": run["policy_type"], "checkpoint": f"`{run['checkpoint']}`"}
+         for name, run in report["runs"].items()]
+    )
+    lines += [""]
+
+    for run, per_env in report.get("sim", {}).items():
+        for key, result in per_env.items():
+            lines += [
+                f"## Simulation: {run} on {key}",
+                "",
+                f"{result['n_episodes']} episodes of at most {result['episode_length']} steps, "
+                f"seeds from {result['seed']}; {result['s_per_episode']:.2f} s per episode.",
+                "",
+            ]
+            lines += _table([{k: v for k, v in ep.items()} for ep in result["episodes"]])
+            for video in result["videos"]:
+                lines += ["", f"Video: [{video}]({video})"]
+            lines += [""]
+
+    for run, drift in report.get("drift", {}).items():
+        lines += [
+            f"## Drift from the teacher: {run}",
+            "",
+            f"{drift['n_anchors']} held-out anchors of `{report['store']}`; mse {_fmt(drift['mse'])}, "
+            f"cosine distance {_fmt(drift['cosine'])} (means over layers × pooled vectors).",
+            "",
+        ]
+        lines += _table(drift["per_vector"]) + [""]
+
+    if report.get("fingerprints"):
+        lines += ["## Stage fingerprints", ""]
+        lines += _table([{"stage": s, "fingerprint": f"`{f}`"} for s, f in report["fingerprints"].items()])
+        lines += [""]
+
+    timings = report.get("timings", {})
+    if timings:
+        lines += ["## Timings", ""] + _table([{k: v for k, v in timings.items()}]) + [""]
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    """NaN/inf are not JSON: write them as null (lerobot reports nan for empty aggregates)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(report: dict, out_dir: Path) -> dict:
+    """Write report.json (strict JSON) and report.md; returns the JSON-safe report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    safe = _json_safe(report)
+    (out_dir / "report.json").write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
+    (out_dir / "report.md").write_text(render_markdown(safe))
+    return safe
