@@ -269,7 +269,7 @@ def train(
     ds = cfg.dataset
     ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
     source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
-    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device))
+    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device), trainable=True)
     # Fine-tuning normalises with the task dataset's statistics; a resumed run keeps its own.
     preprocessor, postprocessor = make_processors(
         policy, dataset_stats=None if resume_from else ds_meta.stats, pretrained_path=source.path
