@@ -3,7 +3,7 @@
 Layout (N anchors, chunked along N, every array with the same chunk length):
 
     teacher_hidden          [N, L, V, D] float16|float32   (kind "hidden_state")
-    labels                  [N, T] int                     (kind "token_level")
+    labels/<name>           [N, *spec.shape] spec.dtype    teacher target tokens (kind "token_level")
     inputs/<name>           [N, *spec.shape] spec.dtype    exact prefix inputs (adapter.input_spec())
     provenance/episode_index, provenance/frame_index [N] int64; provenance/task [N] str
     split/heldout           [N] bool                       anchors kept out of training (for drift eval)
@@ -46,7 +46,7 @@ TEACHER_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 
 TEACHER = "teacher_hidden"
-LABELS = "labels"
+LABELS = "labels"  # a group: labels/<name> per label spec
 HELDOUT = "split/heldout"
 MARKERS = "progress/block_written"
 PROVENANCE = {
@@ -78,7 +78,7 @@ class StoreLayout:
     input_spec: dict[str, ArraySpec]
     teacher_shape: tuple[int, int, int] | None = None  # (L, V, D), kind "hidden_state"
     teacher_dtype: str = "float16"
-    labels_spec: ArraySpec | None = None  # per-anchor label shape, kind "token_level"
+    labels_spec: dict[str, ArraySpec] | None = None  # per-anchor label arrays, kind "token_level"
     chunk_anchors: int | None = None  # None: chosen so the widest array's chunks are ~16 MB
     shard_chunks: int | None = None  # chunks per Zarr shard; None = no sharding
     attrs: dict[str, Any] = field(default_factory=dict)  # teacher/dataset identity, layers, pooling...
@@ -94,7 +94,7 @@ class StoreLayout:
             if self.teacher_dtype not in TEACHER_DTYPES:
                 raise ValueError(f"teacher dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.kind == "token_level" and self.labels_spec is None:
-            raise ValueError("a token_level store needs labels_spec (per-anchor shape and dtype of the labels)")
+            raise ValueError("a token_level store needs labels_spec (per-anchor shapes and dtypes of the label arrays)")
         if self.chunk_anchors is None:
             self.chunk_anchors = default_chunk_anchors(self.per_anchor_specs(), self.n_anchors)
         self.chunk_anchors = min(int(self.chunk_anchors), self.n_anchors)
@@ -105,7 +105,8 @@ class StoreLayout:
         if self.kind == "hidden_state":
             specs[TEACHER] = ArraySpec(tuple(self.teacher_shape), self.teacher_dtype)
         else:
-            specs[LABELS] = self.labels_spec
+            for name, spec in self.labels_spec.items():
+                specs[f"{LABELS}/{name}"] = spec
         for name, spec in self.input_spec.items():
             specs[f"inputs/{name}"] = spec
         specs.update(PROVENANCE)
@@ -142,17 +143,21 @@ def worker_blocks(n_blocks: int, shard: tuple[int, int] | None) -> list[int]:
     return list(range(n_blocks * index // count, n_blocks * (index + 1) // count))
 
 
-def heldout_mask(n_anchors: int, heldout_fraction: float) -> np.ndarray:
-    """The last ``round(fraction * N)`` anchors, kept out of training.
+def heldout_mask(n_anchors: int, heldout_fraction: float, seed: int | None = None) -> np.ndarray:
+    """``round(fraction * N)`` anchors (at least one, never all) kept out of training.
 
-    Anchors are stored in a seeded random order, so the tail is a random subset; keeping it
-    contiguous makes evaluation read whole chunks.
+    With ``seed=None`` these are the last anchors: extraction stores anchors in a seeded random
+    order, so the tail is a random subset, and a contiguous tail makes evaluation read whole
+    chunks. Stores whose order is not random (imports) pass a seed for a random subset instead.
     """
     n_heldout = int(round(heldout_fraction * n_anchors))
     if heldout_fraction > 0 and n_anchors > 1:
         n_heldout = min(max(n_heldout, 1), n_anchors - 1)
     mask = np.zeros(n_anchors, dtype=bool)
-    mask[n_anchors - n_heldout :] = True
+    if seed is None:
+        mask[n_anchors - n_heldout :] = True
+    else:
+        mask[np.random.default_rng(seed).choice(n_anchors, size=n_heldout, replace=False)] = True
     return mask
 
 
@@ -245,7 +250,7 @@ class AnchorStoreWriter:
         if layout.kind == "hidden_state":
             attrs["teacher_hidden_dtype"] = layout.teacher_dtype
         else:
-            attrs["labels_spec"] = layout.labels_spec.to_json()
+            attrs["labels_spec"] = {name: spec.to_json() for name, spec in layout.labels_spec.items()}
         return attrs
 
     def written_blocks(self) -> set[int]:
@@ -323,6 +328,7 @@ class AnchorStore:
         self.n_anchors: int = int(attrs["n_anchors"])
         self.chunk_anchors: int = int(attrs["chunk_anchors"])
         self.input_spec = {name: ArraySpec.from_json(spec) for name, spec in attrs["input_spec"].items()}
+        self.labels_spec = {name: ArraySpec.from_json(spec) for name, spec in (attrs.get("labels_spec") or {}).items()}
         self.heldout = group[HELDOUT][:].astype(bool)
 
     @property
@@ -333,12 +339,9 @@ class AnchorStore:
     def heldout_indices(self) -> np.ndarray:
         return np.flatnonzero(self.heldout)
 
-    @property
-    def target_name(self) -> str:
-        return TEACHER if self.kind == "hidden_state" else LABELS
-
     def array_names(self) -> list[str]:
-        return [self.target_name, *(f"inputs/{name}" for name in self.input_spec)]
+        targets = [TEACHER] if self.kind == "hidden_state" else [f"{LABELS}/{name}" for name in self.labels_spec]
+        return [*targets, *(f"inputs/{name}" for name in self.input_spec)]
 
     def read(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """A contiguous range of anchors, as numpy arrays keyed by array path."""
@@ -365,6 +368,7 @@ class AnchorStore:
             "teacher": attrs.get("teacher"),
             "dataset": attrs.get("dataset"),
             "input_spec": attrs["input_spec"],
+            "labels_spec": attrs.get("labels_spec"),
             "chunk_anchors": self.chunk_anchors,
             "shard_chunks": attrs.get("shard_chunks"),
             "fingerprint": attrs.get("fingerprint"),
@@ -460,8 +464,12 @@ def _check_structure(url: str, group: zarr.Group, attrs: dict, *, require_comple
             )
         expected[TEACHER] = ((n_anchors, len(layers), len(pooling), hidden), attrs.get("teacher_hidden_dtype"))
     else:
-        labels_spec = ArraySpec.from_json(attrs["labels_spec"])
-        expected[LABELS] = ((n_anchors, *labels_spec.shape), labels_spec.dtype)
+        try:
+            labels_spec = {name: ArraySpec.from_json(spec) for name, spec in attrs["labels_spec"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AnchorStoreError(url, f"attribute labels_spec is missing or malformed ({exc})", _RERUN) from None
+        for name, spec in labels_spec.items():
+            expected[f"{LABELS}/{name}"] = ((n_anchors, *spec.shape), spec.dtype)
     for name, spec in input_spec.items():
         expected[f"inputs/{name}"] = ((n_anchors, *spec.shape), spec.dtype)
     for path, spec in PROVENANCE.items():
@@ -540,6 +548,20 @@ def _check_expectations(
                 "The student must see the same prefix as the teacher (same policy type, image size, tokenizer length): "
                 "re-run the cache stage with the student's base model.",
             )
+        if store.kind == "token_level":
+            student_labels = getattr(student_adapter, "label_spec", None)
+            if student_labels is None:
+                raise AnchorStoreError(
+                    url, f"it is a token_level cache but the {student_adapter.policy_type} adapter has no token-level labels",
+                    "Use a hidden_state cache for this policy.",
+                )
+            wanted = {name: ArraySpec.from_json(spec.to_json()) for name, spec in student_labels().items()}
+            if wanted != store.labels_spec:
+                raise AnchorStoreError(
+                    url, f"stored labels {_spec_text(store.labels_spec)} differ from the student's token-level labels "
+                    f"{_spec_text(wanted)}",
+                    "Import or extract the labels in the student's format (adapter.label_spec()).",
+                )
     if teacher_policy_type is not None and teacher.get("policy_type") not in (None, teacher_policy_type):
         raise AnchorStoreError(
             url, f"the teacher is a {teacher.get('policy_type')} policy but the student is {teacher_policy_type}",
@@ -628,7 +650,7 @@ class ChunkAwareBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 class AnchorDataset(torch.utils.data.Dataset):
-    """Anchors of a store as ``{"index", "inputs": {name: tensor}, "teacher_hidden" | "labels"}``.
+    """Anchors as ``{"index", "inputs": {name: tensor}, "teacher_hidden" [L,V,D] float32 | "labels": {name: tensor}}``.
 
     Reads whole chunks and keeps the last ``cache_chunks`` decoded, so a batch from
     :class:`ChunkAwareBatchSampler` costs a few chunk reads. The Zarr group is opened lazily in
@@ -697,18 +719,20 @@ class AnchorDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, positions: Sequence[int]) -> list[dict]:
         store_idx = self.store_indices[np.asarray(positions, dtype=np.int64)]
-        target = TEACHER if self.kind == "hidden_state" else LABELS
         samples = []
         for index in store_idx.tolist():
             chunk = self._chunk(index // self.chunk_anchors)
             row = index % self.chunk_anchors
             sample = {"index": index, "inputs": {}}
+            if self.kind == "token_level":
+                sample[LABELS] = {}
             for path, values in chunk.items():
                 tensor = torch.from_numpy(np.ascontiguousarray(values[row]))
-                if path == target:
-                    sample[target] = tensor.float() if target == TEACHER else tensor
+                if path == TEACHER:
+                    sample[TEACHER] = tensor.float()  # losses are computed in float32
                 else:
-                    sample["inputs"][path.split("/", 1)[1]] = tensor
+                    group, name = path.split("/", 1)
+                    sample[group][name] = tensor
             samples.append(sample)
         return samples
 
