@@ -1,0 +1,24 @@
+"""Keystone tests of the pi05 adapter on a tiny real PI05Policy (the checks are pi0's)."""
+
+import torch
+
+from craft_core.adapters import get_adapter
+from tests.craft_core.test_adapters_pi0 import PI0FamilyAdapterChecks, raw_batch
+
+
+class TestPI05Adapter(PI0FamilyAdapterChecks):
+    policy_type = "pi05"
+
+    def test_state_reaches_the_prefix_through_the_prompt(self, loaded, tiny_pi0_dataset):
+        """pi05's preprocessor discretises the state into the prompt: another state, other tokens."""
+        policy, preprocessor, _, _ = loaded
+        adapter = get_adapter(policy)
+        frames = raw_batch(policy, tiny_pi0_dataset, [0])
+        shifted = dict(frames, **{"observation.state": frames["observation.state"] + 3.0})
+        a, b = adapter.anchor_inputs(preprocessor(frames)), adapter.anchor_inputs(preprocessor(shifted))
+        assert torch.equal(a["images"], b["images"])
+        assert not torch.equal(a["lang_tokens"], b["lang_tokens"])
+        with torch.no_grad():
+            hidden_a = adapter.prefix_hidden_states(a, [-1]).hidden
+            hidden_b = adapter.prefix_hidden_states(b, [-1]).hidden
+        assert (hidden_a - hidden_b).abs().max() > 0
