@@ -19,7 +19,7 @@ import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -50,11 +50,21 @@ def _policy_module(policy_type: str, *, required: bool = True):
     return None
 
 
-def build_tiny_policy(policy_type: str, out_dir: str | Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
+def build_tiny_policy(
+    policy_type: str,
+    out_dir: str | Path,
+    *,
+    ds_meta,
+    seed: int = 0,
+    extra_texts: Sequence[str] = (),
+    **overrides: Any,
+) -> Path:
     """Build a tiny ``policy_type`` policy for ``ds_meta``'s features and save it into ``out_dir``.
 
-    ``overrides`` are per-type size/config knobs (see ``craft_core.tiny.<policy_type>.build``).
-    ``out_dir`` must not exist or be empty. Returns ``out_dir``.
+    The text tokenizer is trained on ``ds_meta``'s task strings plus ``extra_texts`` (e.g. the
+    instructions of the other datasets the policy will see). ``overrides`` are per-type
+    size/config knobs (see ``craft_core.tiny.<policy_type>.build``). ``out_dir`` must not exist
+    or be empty. Returns ``out_dir``.
     """
     if policy_type not in POLICY_MODULES:
         raise ValueError(
@@ -66,6 +76,8 @@ def build_tiny_policy(policy_type: str, out_dir: str | Path, *, ds_meta, seed: i
         raise FileExistsError(f"tiny policy folder {out_dir} is not empty; remove it or pick another out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        if extra_texts:
+            overrides["extra_texts"] = list(extra_texts)
         return module.build(out_dir, ds_meta=ds_meta, seed=seed, **overrides)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # never leave a half-written folder that looks loadable
@@ -94,6 +106,12 @@ def instantiate_and_save(cfg, spec: dict, out_dir: Path, *, ds_meta, seed: int) 
     spec["n_parameters"] = sum(p.numel() for p in policy.parameters())
     write_tiny_spec(out_dir, spec)
     return out_dir
+
+
+def tokenizer_texts(ds_meta, extra_texts: Sequence[str] = ()) -> list[str]:
+    """Texts a tiny text tokenizer is trained on: the dataset's task strings plus ``extra_texts``."""
+    tasks = getattr(ds_meta, "tasks", None)
+    return ([] if tasks is None else [str(t) for t in tasks.index]) + [str(t) for t in extra_texts]
 
 
 def write_tiny_spec(folder: Path, spec: dict) -> None:

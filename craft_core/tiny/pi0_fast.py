@@ -15,9 +15,9 @@ The text tokenizer and the FAST action tokenizer are local folders written next 
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
-from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save
+from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save, tokenizer_texts
 from craft_core.tiny.patching import replaced_attribute
 from craft_core.tiny.tokenizers import write_fast_action_tokenizer, write_text_tokenizer
 
@@ -106,12 +106,7 @@ def patches(spec: Mapping[str, Any]) -> Iterator[None]:
         yield
 
 
-def _task_texts(ds_meta) -> list[str]:
-    tasks = getattr(ds_meta, "tasks", None)
-    return [] if tasks is None else [str(t) for t in tasks.index]
-
-
-def build(out_dir: Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
+def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] = (), **overrides: Any) -> Path:
     """Write a tiny pi0_fast folder for ``ds_meta``'s features.
 
     ``overrides``: any key of ``DEFAULT_SIZES`` (backbone sizes) or a ``PI0FastConfig`` field.
@@ -133,7 +128,7 @@ def build(out_dir: Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
     action_dim = int(ds_meta.features["action"]["shape"][0])
     text_dir = out_dir / TOKENIZERS_DIR / "text"
     action_dir = out_dir / TOKENIZERS_DIR / "fast_action"
-    write_text_tokenizer(text_dir, _task_texts(ds_meta), vocab_size=sizes["vocab_size"])
+    write_text_tokenizer(text_dir, tokenizer_texts(ds_meta, extra_texts), vocab_size=sizes["vocab_size"])
     write_fast_action_tokenizer(
         action_dir,
         time_horizon=config_fields["chunk_size"],

@@ -13,9 +13,9 @@ states can never drift and retention would be vacuous.
 """
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save
+from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save, tokenizer_texts
 from craft_core.tiny.tokenizers import write_text_tokenizer
 
 POLICY_TYPE = "smolvla"
@@ -112,7 +112,7 @@ def write_tiny_smolvlm(folder: Path, sizes: dict[str, int], texts: list[str]) ->
     return folder
 
 
-def build(out_dir: Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
+def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] = (), **overrides: Any) -> Path:
     """Write a tiny smolvla folder for ``ds_meta``'s features.
 
     ``overrides``: any key of ``DEFAULT_SIZES`` (backbone sizes) or a ``SmolVLAConfig`` field.
@@ -131,9 +131,7 @@ def build(out_dir: Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
                 f"unknown tiny smolvla override {key!r}: use a size ({sorted(sizes)}) or a SmolVLAConfig field"
             )
 
-    tasks = getattr(ds_meta, "tasks", None)
-    texts = [] if tasks is None else [str(t) for t in tasks.index]
-    vlm_dir = write_tiny_smolvlm(out_dir / TOKENIZERS_DIR / "vlm", sizes, texts)
+    vlm_dir = write_tiny_smolvlm(out_dir / TOKENIZERS_DIR / "vlm", sizes, tokenizer_texts(ds_meta, extra_texts))
     cfg = SmolVLAConfig(
         vlm_model_name=str(vlm_dir),
         num_vlm_layers=sizes["num_hidden_layers"],
