@@ -1,7 +1,9 @@
 """The training stage on tiny real lerobot policies (pi0_fast, smolvla), offline, on CPU.
 
-A real Zarr anchor store is made from the tiny teacher by the cache stage, then ``train`` runs a
-few steps of CRaFT (retention every 2nd step) and of the baseline (the same loop, retention off).
+The tiny teachers are built for the recorded pusht datasets; a real Zarr anchor store holds the
+teacher's pooled hidden states on task B (``circle``, the one to retain), then ``train`` fine-tunes
+on task A (``push_t``) for a few steps of CRaFT (retention every 2nd step) and of the baseline
+(the same loop, retention off).
 """
 
 import json
@@ -13,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from craft_core.config import CacheConfig, DatasetSource, PolicySource, RetentionConfig, TrainConfig
+from craft_core.config import DatasetSource, PolicySource, RetentionConfig, TrainConfig
 
 POOLING = ["vision_token_mean", "text_token_last"]
 
@@ -22,16 +24,46 @@ POOLING = ["vision_token_mean", "text_token_last"]
 
 
 def make_anchor_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Path, *, n_anchors: int = 12) -> str:
-    """A real anchor store of ``teacher_dir`` on the dataset, written by the cache stage."""
-    from craft_core.extraction import extract_anchors
+    """A real Zarr anchor store of ``teacher_dir``: its pooled hidden states on dataset frames.
 
-    cfg = CacheConfig(
-        teacher=PolicySource(path=str(teacher_dir)),
-        dataset=DatasetSource(repo_id=repo_id, root=str(root)),
-        n_anchors=n_anchors, layers=[-2, -1], pooling=POOLING, dtype="float32", batch_size=4,
-        device="cpu", heldout_fraction=0.0, seed=0,
+    Written through the store's own writer exactly as the cache stage does: the teacher's
+    preprocessor, the adapter's stored prefix inputs, then the teacher's pooled vectors computed
+    from those stored inputs.
+    """
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+    from craft_core.adapters import get_adapter
+    from craft_core.policy_io import load_policy, make_processors
+    from craft_core.store import PROVENANCE, AnchorStoreWriter, StoreLayout
+
+    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    teacher = load_policy(PolicySource(path=str(teacher_dir)), ds_meta=meta, device="cpu")
+    preprocessor, _ = make_processors(teacher, pretrained_path=str(teacher_dir))
+    dataset = LeRobotDataset(repo_id, root=root, video_backend="pyav")
+    adapter = get_adapter(teacher)
+    layers = adapter.resolve_layers([-2, -1])
+    frames = torch.utils.data.default_collate([dataset[i] for i in range(n_anchors)])
+    inputs = adapter.anchor_inputs(preprocessor(frames))
+    with torch.no_grad():
+        hidden = adapter.pooled(inputs, layers, POOLING)
+    layout = StoreLayout(
+        kind="hidden_state", n_anchors=n_anchors, input_spec=adapter.input_spec(),
+        teacher_shape=tuple(hidden.shape[1:]), teacher_dtype="float32", chunk_anchors=4,
+        attrs={"teacher": {"policy_type": adapter.policy_type, "path": str(teacher_dir), "revision": None,
+                           "dtype": "float32"},
+               "layers": layers, "depth": adapter.depth, "hidden_size": adapter.hidden_size, "pooling": POOLING,
+               "fingerprint": f"test-{adapter.policy_type}-{n_anchors}"},
     )
-    extract_anchors(cfg, str(store_url))
+    writer = AnchorStoreWriter(store_url, layout)
+    arrays = {"teacher_hidden": hidden.numpy(), "split/heldout": np.zeros(n_anchors, dtype=bool),
+              **{f"inputs/{name}": value.numpy() for name, value in inputs.items()}}
+    arrays["provenance/episode_index"] = frames["episode_index"].numpy().astype(np.int64)
+    arrays["provenance/frame_index"] = frames["frame_index"].numpy().astype(np.int64)
+    arrays["provenance/task"] = np.array(frames["task"], dtype=object)
+    assert set(PROVENANCE) <= set(arrays)
+    for block, (start, stop) in enumerate(writer.blocks):
+        writer.write_block(block, {path: values[start:stop] for path, values in arrays.items()})
+    writer.finalize()
     return str(store_url)
 
 
@@ -58,29 +90,39 @@ def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def pi0_fast_store(tiny_pi0_fast, policy_test_dataset, tmp_path_factory):
-    repo_id, root, _ = policy_test_dataset
-    return make_anchor_store(tiny_pi0_fast, repo_id, root, tmp_path_factory.mktemp("store") / "pi0_fast.zarr")
+def task_dataset(pusht_datasets) -> tuple[str, Path]:
+    """Task A, the new task the student is fine-tuned on."""
+    return pusht_datasets["push_t"]["repo_id"], pusht_datasets["push_t"]["root"]
+
+
+def retained_dataset(pusht_datasets) -> tuple[str, Path]:
+    """Task B, the teacher's task whose hidden states the anchors keep."""
+    return pusht_datasets["circle"]["repo_id"], pusht_datasets["circle"]["root"]
 
 
 @pytest.fixture(scope="module")
-def smolvla_store(tiny_smolvla, policy_test_dataset, tmp_path_factory):
-    repo_id, root, _ = policy_test_dataset
-    return make_anchor_store(tiny_smolvla, repo_id, root, tmp_path_factory.mktemp("store") / "smolvla.zarr")
+def pi0_fast_store(tiny_pi0_fast, pusht_datasets, tmp_path_factory):
+    return make_anchor_store(tiny_pi0_fast, *retained_dataset(pusht_datasets),
+                             tmp_path_factory.mktemp("store") / "pi0_fast.zarr")
+
+
+@pytest.fixture(scope="module")
+def smolvla_store(tiny_smolvla, pusht_datasets, tmp_path_factory):
+    return make_anchor_store(tiny_smolvla, *retained_dataset(pusht_datasets),
+                             tmp_path_factory.mktemp("store") / "smolvla.zarr")
 
 
 # ------------------------------------------------------------------------------------- CRaFT runs
 
 
 @pytest.mark.parametrize("policy_type", ["pi0_fast", "smolvla"])
-def test_craft_run_retention_steps_dual_ascent_checkpoints(policy_type, request, policy_test_dataset, tmp_path):
+def test_craft_run_retention_steps_dual_ascent_checkpoints(policy_type, request, pusht_datasets, tmp_path):
     from craft_core.policy_io import load_policy
     from craft_core.train import train
 
     teacher_dir = request.getfixturevalue(f"tiny_{policy_type}")
     store_url = request.getfixturevalue(f"{policy_type}_store")
-    repo_id, root, _ = policy_test_dataset
+    repo_id, root = task_dataset(pusht_datasets)
     cfg = train_config(repo_id, root)
     progress_calls = []
     result = train(cfg, teacher=PolicySource(path=str(teacher_dir)), store_url=store_url, out_dir=tmp_path,
@@ -132,22 +174,21 @@ def test_craft_run_retention_steps_dual_ascent_checkpoints(policy_type, request,
     assert student.config.type == policy_type
     assert all(torch.equal(student.state_dict()[k], trained[k]) for k in trained)
     assert any(not torch.equal(trained[k], teacher[k]) for k in teacher)
-    # lerobot-eval needs the processors beside the weights.
-    from lerobot.configs.policies import PreTrainedConfig
-    from lerobot.policies.factory import make_pre_post_processors
+    # lerobot-eval needs the processors beside the weights (normalisation stats of the task dataset).
+    from craft_core.policy_io import make_processors
 
-    pre, post = make_pre_post_processors(PreTrainedConfig.from_pretrained(result["checkpoint"]),
-                                         pretrained_path=result["checkpoint"])
+    pre, post = make_processors(student, pretrained_path=result["checkpoint"])
     assert len(pre.steps) > 0 and len(post.steps) > 0
+    assert (Path(result["checkpoint"]) / "policy_preprocessor.json").is_file()
 
     assert Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "result.json").read_text())["steps"] == 4
 
 
-def test_baseline_is_the_same_loop_without_retention(tiny_pi0_fast, policy_test_dataset, tmp_path):
+def test_baseline_is_the_same_loop_without_retention(tiny_pi0_fast, pusht_datasets, tmp_path):
     from craft_core.train import train
 
-    repo_id, root, _ = policy_test_dataset
+    repo_id, root = task_dataset(pusht_datasets)
     cfg = train_config(repo_id, root, steps=2, save_every=10)
     result = train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=None, out_dir=tmp_path,
                    retention=False)
@@ -206,7 +247,7 @@ BROKEN_STORES = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN_STORES))
-def test_refuses_to_start_on_a_store_that_does_not_fit(case, tiny_pi0_fast, pi0_fast_store, policy_test_dataset,
+def test_refuses_to_start_on_a_store_that_does_not_fit(case, tiny_pi0_fast, pi0_fast_store, pusht_datasets,
                                                        tmp_path):
     from craft_core.train import RetentionSetupError, train
 
@@ -214,7 +255,7 @@ def test_refuses_to_start_on_a_store_that_does_not_fit(case, tiny_pi0_fast, pi0_
     store = tmp_path / "store.zarr"
     if breaker is not None:
         breaker(_copy_store(pi0_fast_store, store))
-    repo_id, root, _ = policy_test_dataset
+    repo_id, root = task_dataset(pusht_datasets)
     out_dir = tmp_path / "run"
     with pytest.raises(RetentionSetupError, match=message) as info:
         train(train_config(repo_id, root, steps=1), teacher=PolicySource(path=str(tiny_pi0_fast)),
@@ -223,10 +264,10 @@ def test_refuses_to_start_on_a_store_that_does_not_fit(case, tiny_pi0_fast, pi0_
     assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
 
 
-def test_refuses_retention_without_a_store(tiny_pi0_fast, policy_test_dataset, tmp_path):
+def test_refuses_retention_without_a_store(tiny_pi0_fast, pusht_datasets, tmp_path):
     from craft_core.train import RetentionSetupError, train
 
-    repo_id, root, _ = policy_test_dataset
+    repo_id, root = task_dataset(pusht_datasets)
     with pytest.raises(RetentionSetupError, match="no anchor store was given"):
         train(train_config(repo_id, root, steps=1), teacher=PolicySource(path=str(tiny_pi0_fast)),
               store_url=None, out_dir=tmp_path)
@@ -235,7 +276,7 @@ def test_refuses_retention_without_a_store(tiny_pi0_fast, policy_test_dataset, t
 # ------------------------------------------------------------------------------------- non-finite
 
 
-def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_store, policy_test_dataset,
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_store, pusht_datasets,
                                                          tmp_path, monkeypatch):
     from lerobot.policies.pi0_fast.modeling_pi0_fast import PI0FastPolicy
 
@@ -251,7 +292,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_
         return (loss * float("nan"), out) if calls["n"] in (3, 4) else (loss, out)
 
     monkeypatch.setattr(PI0FastPolicy, "forward", forward_with_nan)
-    repo_id, root, _ = policy_test_dataset
+    repo_id, root = task_dataset(pusht_datasets)
     cfg = train_config(repo_id, root, steps=6, save_every=2, max_nonfinite_steps=1)
     with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps=1") as info:
         train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=pi0_fast_store, out_dir=tmp_path)
