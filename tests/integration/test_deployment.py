@@ -1,0 +1,72 @@
+"""The deployment path end to end, as a user runs it: a real ``prefect server start`` on 127.0.0.1
+(free port, private PREFECT_HOME), a process work pool, ``prefect deploy`` of deployments/prefect.yaml,
+a worker, and ``prefect deployment run craft/full`` with the ``smoke`` preset, twice.
+
+The first run executes every stage for real (tiny pi0_fast, gym-pusht); the second must be
+entirely Cached, because every stage's Prefect cache key is its content fingerprint.
+"""
+
+import json
+
+import pytest
+
+from craft_core.config import load_preset
+from deployments.local_stack import LocalPrefect
+from tasks.plan import plan_pipeline
+
+STAGE_UNITS = {"assets", "cache", "train_baseline", "train_craft", "eval"}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_deployment_full_smoke_runs_then_is_cached(tmp_path):
+    config = load_preset("smoke", [f"artifacts_root={tmp_path / 'artifacts'}"])
+    params = {"config": config.model_dump(mode="json")}
+    stack = LocalPrefect(tmp_path / "prefect-home", extra_env={"OMP_NUM_THREADS": "1"})
+    try:
+        stack.start_server()
+        stack.deploy("full")
+        deployment = stack.api("GET", "/deployments/name/craft/full")
+        assert deployment["entrypoint"] == "flows/craft_flow.py:craft"
+        assert "config" in deployment["parameter_openapi_schema"]["properties"]
+
+        # Prefect validates the parameter against PipelineConfig at run creation, naming the field.
+        bad = json.loads(json.dumps(params))
+        bad["config"]["train"]["retention"]["every_kk"] = 2
+        rejected = stack.prefect("deployment", "run", "craft/full", "--params", json.dumps(bad), check=False)
+        assert rejected.returncode != 0
+        assert "every_kk" in rejected.stdout + rejected.stderr
+
+        stack.start_worker()
+        first_id = stack.run_deployment(params)
+        first = stack.wait_flow_run(first_id)
+        assert first["state_type"] == "COMPLETED", (first["state"], stack.log("worker")[-6000:])
+        first_tasks = stack.task_runs(first_id)
+        assert set(first_tasks) == STAGE_UNITS
+        assert {name: run["state_name"] for name, run in first_tasks.items()} == {s: "Completed" for s in STAGE_UNITS}
+
+        # Every stage left a complete content-addressed output where the plan says.
+        for stage, plan in plan_pipeline(config).items():
+            assert plan.stage_dir().is_complete(), stage
+
+        report = stack.latest_artifact("craft-report")
+        assert report["type"] == "markdown" and "craft evaluation report" in report["data"]
+        assert report["flow_run_id"] == first_id
+        comparison = json.loads(stack.latest_artifact("craft-comparison")["data"])
+        assert {row["run"] for row in comparison} == {"teacher", "baseline", "craft"}
+        progress = stack.latest_artifact("craft-train-craft-progress")
+        assert progress["type"] == "progress" and float(progress["data"]) == pytest.approx(100.0)
+        for stage in STAGE_UNITS:
+            summary = stack.latest_artifact(f"craft-{stage.replace('_', '-')}-summary")
+            assert "executed" in summary["data"]
+
+        second_id = stack.run_deployment(params)
+        second = stack.wait_flow_run(second_id)
+        assert second["state_type"] == "COMPLETED", (second["state"], stack.log("worker")[-6000:])
+        second_tasks = stack.task_runs(second_id)
+        assert {name: run["state_name"] for name, run in second_tasks.items()} == {s: "Cached" for s in STAGE_UNITS}
+    finally:
+        started = list(stack.processes.values())
+        stack.stop()
+    assert started and all(process.poll() is not None for process in started)
