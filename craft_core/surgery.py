@@ -172,7 +172,7 @@ def apply_gradient_surgery(
     dot = _dot([params[i].grad for i in both], [retention_grads[i] for i in both])
     # One host sync for all statistics.
     dot_value, task_sq_value, retention_sq_value = torch.stack(
-        [dot.cpu(), task_sq.cpu(), retention_sq.cpu()]
+        [dot, task_sq.to(dot.device), retention_sq.to(dot.device)]
     ).tolist()
 
     task_norm = math.sqrt(task_sq_value)
