@@ -129,6 +129,7 @@ def ensure_paligemma_tokenizer_snapshot(cache_dir: Path) -> Path:
     if not (snapshot / "tokenizer.json").is_file():
         (repo_dir / "snapshots").mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=repo_dir / "snapshots"))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             write_text_tokenizer(staging, _TOKENIZER_CORPUS, vocab_size=TOKENIZER_VOCAB_SIZE)
             (staging / "config.json").write_text(json.dumps({"model_type": "paligemma"}) + "\n")
