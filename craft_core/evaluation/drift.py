@@ -35,7 +35,8 @@ class DriftAccumulator:
         s = student.detach().to("cpu", torch.float64)
         t = teacher.detach().to("cpu", torch.float64)
         self.mse_sum += ((s - t) ** 2).mean(dim=-1).sum(dim=0)
-        self.cos_sum += (1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)).sum(dim=0)
+        cosine_distance = 1.0 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-12)
+        self.cos_sum += cosine_distance.clamp_min(0.0).sum(dim=0)  # rounding can give cos > 1 by 1e-16
         self.n += s.shape[0]
 
     def result(self) -> dict:

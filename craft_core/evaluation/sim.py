@@ -134,6 +134,7 @@ def simulate(
     # The same seed before every run: runs differ by their weights, not by their sampling noise.
     set_seed(sim.seed)
     n_videos = sim.n_videos if videos_dir is not None else 0
+    videos_dir = videos_dir if n_videos > 0 else None  # lerobot creates the folder whenever one is given
     try:
         with torch.no_grad():
             info = eval_policy_all(
