@@ -1,0 +1,288 @@
+"""Stage 1, the cache: run the frozen teacher once over anchor frames and store its pooled hidden states.
+
+    frames of a LeRobotDataset ──policy preprocessor──▶ adapter.anchor_inputs ──▶ inputs/* (uint8 images, tokens)
+                                                                │
+                                            adapter.pooled(stored inputs) ──▶ teacher_hidden [N, L, V, D]
+
+The teacher's vectors are computed from the *stored* inputs (images already quantised to uint8),
+not from the float batch, so a student that is a copy of the teacher reproduces them exactly.
+
+Anchors are chosen deterministically from (seed, n_anchors, episodes, frame_stride) and stored in
+that seeded random order; batches never cross a block boundary, so a block's values do not depend
+on where a run started, which worker wrote it or whether the run was resumed. Blocks already
+marked written are skipped (resume after a kill), ``shard=(i, n)`` writes only worker i's blocks,
+and ``complete`` is set last by :func:`craft_core.store.finalize_store`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from craft_core.config import CacheConfig
+from craft_core.store import (
+    AnchorStoreWriter,
+    StoreLayout,
+    finalize_store,
+    heldout_mask,
+    open_anchor_store,
+    store_fingerprint,
+    worker_blocks,
+)
+
+# Config fields that change how fast, not what, is computed.
+NON_CONTENT_FIELDS = {"batch_size", "device", "num_workers"}
+
+Progress = Callable[[int, int, dict], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"cache.device={device!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return resolved
+
+
+# ---------------------------------------------------------------- anchor selection
+
+
+@dataclass
+class AnchorSelection:
+    rows: np.ndarray  # positions in the (episode-filtered) LeRobotDataset, in store order
+    episode_index: np.ndarray
+    frame_index: np.ndarray
+    prompts: list[str] | None  # per anchor when the user gave prompts, else the dataset's task strings
+
+
+def select_anchors(dataset, cfg: CacheConfig) -> AnchorSelection:
+    """Every ``frame_stride``-th frame of each selected episode, then ``n_anchors`` of them in seeded order."""
+    columns = dataset.hf_dataset.select_columns(["episode_index", "frame_index"]).with_format("numpy")
+    episode_index = np.asarray(columns["episode_index"], dtype=np.int64).reshape(-1)
+    frame_index = np.asarray(columns["frame_index"], dtype=np.int64).reshape(-1)
+    candidates = np.flatnonzero(frame_index % cfg.frame_stride == 0)
+    if cfg.n_anchors > len(candidates):
+        episodes = cfg.dataset.episodes if cfg.dataset.episodes is not None else "all"
+        raise ValueError(
+            f"cache.n_anchors={cfg.n_anchors} but dataset {cfg.dataset.repo_id} offers only {len(candidates)} "
+            f"frames (episodes {episodes}, frame_stride {cfg.frame_stride}); lower n_anchors or frame_stride, "
+            "or select more episodes"
+        )
+    rows = np.random.default_rng(cfg.seed).choice(candidates, size=cfg.n_anchors, replace=False)
+    prompts = None
+    if cfg.prompts is not None:
+        if not cfg.prompts or any(not p.strip() for p in cfg.prompts):
+            raise ValueError("cache.prompts must be a non-empty list of non-empty strings (or null for the dataset's tasks)")
+        prompts = [cfg.prompts[i % len(cfg.prompts)] for i in range(cfg.n_anchors)]
+    return AnchorSelection(rows=rows, episode_index=episode_index[rows], frame_index=frame_index[rows], prompts=prompts)
+
+
+class AnchorFrames(torch.utils.data.Dataset):
+    """The selected frames as the policy's preprocessor takes them: observations and the prompt."""
+
+    def __init__(self, dataset, selection: AnchorSelection):
+        self.dataset = dataset
+        self.selection = selection
+
+    def __len__(self) -> int:
+        return len(self.selection.rows)
+
+    def __getitem__(self, anchor: int) -> dict:
+        frame = self.dataset[int(self.selection.rows[anchor])]
+        # Only what the prefix needs: with an action, pi0_fast's preprocessor would also tokenise it.
+        item = {key: value for key, value in frame.items() if key.startswith("observation.")}
+        item["task"] = self.selection.prompts[anchor] if self.selection.prompts else frame["task"]
+        return item
+
+
+# ---------------------------------------------------------------- identities and fingerprint
+
+
+def _file_digest(path: Path, window: int = 2**20) -> str:
+    """Size + hash of the first and last MiB: cheap for multi-GB weights, and changes with them."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(window))
+        if size > window:
+            handle.seek(max(size - window, window))
+            digest.update(handle.read(window))
+    return digest.hexdigest()[:16]
+
+
+def teacher_identity(cfg: CacheConfig, policy) -> dict:
+    path = Path(cfg.teacher.path).expanduser()
+    identity = {
+        "policy_type": policy.config.type,
+        "path": str(path.absolute()) if path.exists() else cfg.teacher.path,
+        "revision": cfg.teacher.revision,
+        "dtype": str(next(policy.parameters()).dtype).removeprefix("torch."),
+    }
+    if path.is_dir():
+        identity["content"] = {name: _file_digest(path / name) for name in ("config.json", "model.safetensors")
+                               if (path / name).is_file()}
+    return identity
+
+
+def dataset_identity(cfg: CacheConfig, dataset) -> dict:
+    meta = dataset.meta
+    stats = json.dumps(meta.stats, sort_keys=True, default=lambda v: np.asarray(v).tolist())
+    return {
+        "repo_id": cfg.dataset.repo_id,
+        "root": str(Path(cfg.dataset.root).expanduser().absolute()) if cfg.dataset.root else None,
+        "revision": cfg.dataset.revision,
+        "episodes": cfg.dataset.episodes,
+        "total_episodes": int(meta.total_episodes),
+        "total_frames": int(meta.total_frames),
+        "fps": int(meta.fps),
+        "stats_sha256": hashlib.sha256(stats.encode()).hexdigest()[:16],
+    }
+
+
+def cache_fingerprint(cfg: CacheConfig, teacher: dict, dataset: dict, compute: dict, chunk_anchors: int) -> str:
+    content = cfg.model_dump(mode="json", exclude=NON_CONTENT_FIELDS)
+    content["chunk_anchors"] = chunk_anchors
+    # The local path is where the teacher is, not what it is: its content digest identifies it.
+    if "content" in teacher:
+        teacher = {k: v for k, v in teacher.items() if k != "path"}
+        content["teacher"].pop("path")
+    dataset = {k: v for k, v in dataset.items() if k != "root"}
+    content["dataset"].pop("root")
+    return store_fingerprint({"config": content, "teacher": teacher, "dataset": dataset, "compute": compute})
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _load_dataset(cfg: CacheConfig):
+    from lerobot.datasets import LeRobotDataset
+
+    source = cfg.dataset
+    return LeRobotDataset(
+        source.repo_id, root=source.root, episodes=source.episodes, revision=source.revision,
+        video_backend=source.video_backend,
+    )
+
+
+def _load_teacher(cfg: CacheConfig, dataset, device: torch.device):
+    from craft_core.policy_io import load_policy, make_processors
+
+    policy = load_policy(cfg.teacher, device=device)
+    # The anchor dataset's statistics: pi0_fast puts the state, normalised with them, into the prompt.
+    preprocessor, _ = make_processors(policy, pretrained_path=cfg.teacher.path, dataset_stats=dataset.meta.stats)
+    return policy, preprocessor
+
+
+def extract_anchors(
+    cfg: CacheConfig,
+    store_url: str,
+    *,
+    progress: Progress | None = None,
+    shard: tuple[int, int] | None = None,
+) -> dict:
+    """Write the anchor store at ``store_url`` (resuming it if present); returns the StoreInfo dict.
+
+    With ``shard=(i, n)`` only worker i's blocks are written and the store is left incomplete;
+    once every worker is done, :func:`craft_core.store.finalize_store` checks it and sets
+    ``complete``. Without it the store is finalised here.
+    """
+    from craft_core.adapters import get_adapter
+
+    device = resolve_device(cfg.device)
+    dataset = _load_dataset(cfg)
+    selection = select_anchors(dataset, cfg)
+    policy, preprocessor = _load_teacher(cfg, dataset, device)
+    adapter = get_adapter(policy)
+    layers = adapter.resolve_layers(cfg.layers)
+    autocast = device.type == "cuda"
+    compute = {"device_type": device.type, "autocast": "bfloat16" if autocast else None}
+
+    teacher = teacher_identity(cfg, policy)
+    data_id = dataset_identity(cfg, dataset)
+    layout = StoreLayout(
+        kind="hidden_state",
+        n_anchors=cfg.n_anchors,
+        input_spec=adapter.input_spec(),
+        teacher_shape=(len(layers), len(cfg.pooling), adapter.hidden_size),
+        teacher_dtype=cfg.dtype,
+        chunk_anchors=cfg.chunk_anchors,
+        shard_chunks=cfg.shard_chunks,
+    )
+    layout.attrs = {
+        "teacher": teacher,
+        "layers": layers,
+        "depth": adapter.depth,
+        "hidden_size": adapter.hidden_size,
+        "pooling": list(cfg.pooling),
+        "dataset": data_id,
+        "sampling": {"n_anchors": cfg.n_anchors, "seed": cfg.seed, "episodes": cfg.dataset.episodes,
+                     "frame_stride": cfg.frame_stride, "heldout_fraction": cfg.heldout_fraction,
+                     "prompts": cfg.prompts},
+        "compute": compute,
+        "fingerprint": cache_fingerprint(cfg, teacher, data_id, compute, layout.chunk_anchors),
+    }
+    writer = AnchorStoreWriter(store_url, layout)
+    if writer.group.attrs.get("complete"):
+        return open_anchor_store(store_url).info()
+
+    mine = worker_blocks(len(writer.blocks), shard)
+    todo = [block for block in mine if block not in writer.written_blocks()]
+    total = sum(writer.blocks[b][1] - writer.blocks[b][0] for b in mine)
+    done = total - sum(writer.blocks[b][1] - writer.blocks[b][0] for b in todo)
+    split = heldout_mask(cfg.n_anchors, cfg.heldout_fraction)
+
+    # Batches never cross a block: block values are then independent of resume point and worker.
+    batches = [
+        list(range(start, min(start + cfg.batch_size, writer.blocks[b][1])))
+        for b in todo for start in range(writer.blocks[b][0], writer.blocks[b][1], cfg.batch_size)
+    ]
+    loader = torch.utils.data.DataLoader(
+        AnchorFrames(dataset, selection), batch_sampler=batches, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(total=total, initial=done, desc="teacher anchors", unit="anchor", dynamic_ncols=True)
+    if progress is not None:
+        progress(done, total, {"blocks_done": len(mine) - len(todo), "blocks_total": len(mine)})
+    started, resumed_at = time.perf_counter(), done
+    pending: dict[str, list[np.ndarray]] = {}
+    blocks_left = iter(todo)
+    block = next(blocks_left, None)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.inference_mode(), amp:
+        for batch in loader:
+            inputs = adapter.anchor_inputs(preprocessor(batch))
+            pooled = adapter.pooled(inputs, layers, cfg.pooling)  # from the stored (quantised) inputs
+            outputs = {f"inputs/{name}": value.numpy() for name, value in inputs.items()}
+            outputs["teacher_hidden"] = pooled.float().cpu().numpy().astype(cfg.dtype)
+            outputs["provenance/task"] = np.asarray(batch["task"], dtype=str)
+            for name, value in outputs.items():
+                pending.setdefault(name, []).append(value)
+            start, stop = writer.blocks[block]
+            if sum(len(part) for part in pending["teacher_hidden"]) < stop - start:
+                continue
+            arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
+            arrays["provenance/episode_index"] = selection.episode_index[start:stop]
+            arrays["provenance/frame_index"] = selection.frame_index[start:stop]
+            arrays["split/heldout"] = split[start:stop]
+            writer.write_block(block, arrays)
+            pending = {}
+            done += stop - start
+            bar.update(stop - start)
+            if progress is not None:
+                rate = (done - resumed_at) / max(time.perf_counter() - started, 1e-9)
+                progress(done, total, {"block": block, "anchors_per_s": rate})
+            block = next(blocks_left, None)
+    bar.close()
+    if shard is not None:
+        return {"store_url": str(store_url), "shard": list(shard), "blocks_written": len(todo), "complete": False}
+    return finalize_store(store_url)
