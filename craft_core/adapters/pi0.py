@@ -96,8 +96,8 @@ class PI0Adapter(PolicyAdapter):
                     "and tokenizer_max_length of the policy config); were the inputs made for another policy?"
                 )
 
-    def _policy_prefix_inputs(self, inputs: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-        """Stored arrays -> the arguments of ``embed_prefix``, converted as the policy converts them."""
+    def model_inputs(self, inputs: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
+        """Stored arrays -> (images, img_masks, lang_tokens, lang_masks) as ``embed_prefix`` takes them."""
         self._check_inputs(inputs)
         device = self.device
         pixels = inputs["images"].to(device)
@@ -113,7 +113,7 @@ class PI0Adapter(PolicyAdapter):
         from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
 
         absolute = self.resolve_layers(layers)
-        images, image_masks, tokens, masks = self._policy_prefix_inputs(inputs)
+        images, image_masks, tokens, masks = self.model_inputs(inputs)
         embeddings, pad_masks, att_masks = self.policy.model.embed_prefix(images, image_masks, tokens, masks)
 
         # The prefix pass of lerobot's sample_actions, keeping the hidden states.

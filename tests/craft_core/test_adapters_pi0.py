@@ -1,10 +1,11 @@
 """Keystone tests of the pi0 adapter on a tiny real PI0Policy (pi05 reuses them, see test_adapters_pi05).
 
-The reference for every hidden state is lerobot's own code path: forward-pre-hooks on the
-PaliGemma decoder layers' ``input_layernorm`` and a forward hook on the final norm capture the
-prefix stream of ``policy.forward`` (the training path, where prefix and action tokens run through
-``compute_layer_complete`` together), and image/language positions are counted from the tiny
-model's vision geometry, independently of the adapter's masks.
+The reference for every hidden state is lerobot's own code: forward-pre-hooks on the PaliGemma
+decoder layers' ``input_layernorm`` and a forward hook on the final norm capture the prefix stream
+of ``policy.forward`` (training: prefix and action tokens run through ``compute_layer_complete``
+together) and of ``policy.predict_action_chunk`` (inference: ``sample_actions``' prefix-only
+pass). Image/language positions are counted from the tiny model's vision geometry, independently
+of the adapter's masks.
 """
 
 import copy
@@ -52,8 +53,13 @@ def raw_batch(policy, dataset, indices):
     return default_collate([frames[i] for i in indices])
 
 
-def backbone_hidden_states_of_policy_forward(policy, batch) -> list[torch.Tensor]:
-    """hidden_states[0..depth] of the prefix stream, captured during lerobot's ``policy.forward``."""
+def backbone_hidden_states(policy, run) -> list[torch.Tensor]:
+    """hidden_states[0..depth] of the prefix stream, captured while lerobot's own ``run()`` executes.
+
+    The input of each PaliGemma decoder layer's ``input_layernorm`` is the hidden state entering
+    that block; the final norm's output is the last entry. Only the first call is kept: in
+    ``predict_action_chunk`` that is the prefix pass (the denoising steps run the expert only).
+    """
     language_model = policy.model.paligemma_with_expert.paligemma.model.language_model
     captured: dict[int, torch.Tensor] = {}
     handles = []
@@ -71,7 +77,7 @@ def backbone_hidden_states_of_policy_forward(policy, batch) -> list[torch.Tensor
     )
     try:
         with torch.no_grad():
-            policy.forward(batch)
+            run()
     finally:
         for handle in handles:
             handle.remove()
@@ -137,11 +143,15 @@ class PI0FamilyAdapterChecks:
         assert teacher.dtype == torch.float32
         assert (student - teacher).abs().max().item() <= 1e-6
 
-        reference = backbone_hidden_states_of_policy_forward(policy, stored_as_batch(policy, batch, inputs))
+        # lerobot's training forward (prefix and action tokens together) and its inference path
+        # (sample_actions' prefix-only pass) on the stored inputs.
+        stored = stored_as_batch(policy, batch, inputs)
         n_image_positions = len(TINY_PI0_CAMERAS) * image_tokens_per_camera(spec)
-        for layer in layers:
-            expected = hand_pool(reference[layer], n_image_positions, inputs["lang_masks"])
-            torch.testing.assert_close(teacher[:, layer], expected, rtol=0, atol=1e-6)
+        for run in (lambda: policy.forward(stored), lambda: policy.predict_action_chunk(stored)):
+            reference = backbone_hidden_states(policy, run)
+            for layer in layers:
+                expected = hand_pool(reference[layer], n_image_positions, inputs["lang_masks"])
+                torch.testing.assert_close(teacher[:, layer], expected, rtol=0, atol=1e-6)
         # Layers are distinct blocks: the last two hidden states differ.
         assert (teacher[:, -1] - teacher[:, -2]).abs().max() > 1e-3
 
