@@ -9,7 +9,7 @@ from tests.fixtures.data import FIXTURE_PUSHT_TASKS
 
 
 def _columns(repo_id, root, *keys) -> dict[str, np.ndarray]:
-    """Numeric columns of a dataset straight from its parquet files, one row per frame."""
+    """Columns of a dataset straight from its parquet files (as lerobot decodes them), one row per frame."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     ds = LeRobotDataset(repo_id, root=root, video_backend="pyav")
@@ -114,12 +114,27 @@ def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
             "pusht", "corner", repo_id=f"local/{name}", root=tmp_path / name,
             n_episodes=2, max_steps=6, image_size=32, seed=seed,
         )
-        return _columns(meta.repo_id, tmp_path / name, "action", "observation.state")
+        return _columns(meta.repo_id, tmp_path / name, "action", "observation.state", "observation.image")
 
     first, again, other = record("a", 7), record("b", 7), record("c", 8)
+    # Including the rendered frames (pusht's pygame renders are deterministic).
+    assert first["observation.image"].shape == (12, 3, 32, 32)
     for key in first:
         np.testing.assert_array_equal(first[key], again[key])
         assert not np.array_equal(first[key], other[key]), key
+
+
+def test_video_storage_decodes_with_pyav(tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    meta = record_dataset(
+        "pusht", "circle", repo_id="local/video", root=tmp_path / "video",
+        n_episodes=1, max_steps=4, image_size=32, seed=0, use_videos=True,
+    )
+    assert meta.video_keys == ["observation.image"]
+    ds = LeRobotDataset("local/video", root=tmp_path / "video", video_backend="pyav")
+    frame = ds[3]["observation.image"]
+    assert frame.shape == (3, 32, 32) and frame.std() > 0.01
 
 
 def test_bad_arguments_are_rejected_with_the_offending_field(tmp_path):
