@@ -16,13 +16,13 @@
 """
 
 import json
-import shutil
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 TEXT_SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0..3, Gemma's order
+ACTION_END_TOKEN = "|"
 
 # Words lerobot's own prompts contain: pi0_fast "Task: ..., State: 12 200;\n" and "Action: ... |".
 _PROMPT_WORDS = "Task: State: Action: | ; , . \n" + " ".join(str(i) for i in range(256))
@@ -41,7 +41,7 @@ def write_text_tokenizer(
     ``extra_special_tokens`` (attribute name -> token, e.g. SmolVLM's ``image_token``) are added
     as special tokens. The vocabulary is padded with ``<unused_i>`` to exactly ``vocab_size``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     extra_special_tokens = dict(extra_special_tokens or {})
@@ -64,6 +64,9 @@ def write_text_tokenizer(
     padded.pre_tokenizer = tokenizer.pre_tokenizer
     padded.decoder = tokenizer.decoder
     padded.add_special_tokens(specials)
+    # pi0_fast ends every action sequence with "|" and cuts decoded tokens at the bare "|" token
+    # (and stops decoding at its id): keep it one token, never merged with a word boundary.
+    padded.add_tokens([AddedToken(ACTION_END_TOKEN, normalized=False)])
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=padded,
@@ -221,8 +224,3 @@ def write_fast_action_tokenizer(
     }
     (folder / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
-
-
-def copy_tokenizer_folder(source: Path, dest: Path) -> Path:
-    shutil.copytree(source, dest)
-    return dest
