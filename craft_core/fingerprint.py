@@ -8,9 +8,10 @@ A stage's output lives in ``<artifacts_root>/<stage>/<fingerprint>/``. The finge
 * the stage's *code version*: a hash of the source of every ``craft_core`` module the stage's
   entry module imports, found by walking the imports (a subpackage such as ``adapters/`` or
   ``tiny/`` counts whole, since its registry imports members by name), plus the lerobot /
-  transformers versions that define the policies. Chosen over hand-bumped version constants because nobody forgets to
-  bump it: editing ``losses.py`` re-runs training but not extraction. The price is that a comment
-  edit also re-runs the stages that import the edited module, which is the safe direction.
+  transformers versions that define the policies. Chosen over hand-bumped version constants
+  because nobody forgets to bump it: editing ``losses.py`` re-runs training but not extraction. The source is hashed as its
+  syntax tree without docstrings, so comment, docstring and formatting edits re-run nothing; any
+  other edit re-runs the stages that import the module, which is the safe direction.
 
 Completion is a ``manifest.json`` written last, atomically (temp file + ``os.replace``). A stage
 works *in* its final directory rather than in a sibling that is renamed at the end, because stage
@@ -143,10 +144,23 @@ def code_version(entry_module: str) -> str:
     digest = hashlib.sha256()
     for path in module_closure(entry_module):
         digest.update(str(path.relative_to(PACKAGE_ROOT)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+        digest.update(_code_text(path).encode() + b"\0")
     for library, version in _library_versions():
         digest.update(f"{library}=={version}\0".encode())
     return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def _code_text(path: Path) -> str:
+    """The module's syntax tree without docstrings: comments, docstrings and formatting edits
+    do not change what a stage computes, so they must not invalidate its outputs."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False)
 
 
 @functools.cache

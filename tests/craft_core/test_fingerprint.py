@@ -140,3 +140,21 @@ def test_killed_process_leaves_an_incomplete_dir(tmp_path):
     # and the lock died with the process: a new run can take over
     result, executed = run_stage(stage_dir, lambda out_dir: {"ok": 1})
     assert executed and result == {"ok": 1}
+
+
+def test_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path, monkeypatch):
+    import craft_core.fingerprint as fp
+
+    package = tmp_path / "craft_core"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    stage = package / "stage.py"
+    stage.write_text('"""Doc."""\nimport craft_core.helper\n\ndef f():\n    return 1\n')
+    (package / "helper.py").write_text("X = 1\n")
+    monkeypatch.setattr(fp, "PACKAGE_ROOT", package)
+    base = fp.code_version("craft_core.stage")
+
+    stage.write_text('"""Other doc."""\nimport craft_core.helper  # why\n\n\ndef f():\n    """Doc."""\n    return 1\n')
+    assert fp.code_version("craft_core.stage") == base
+    (package / "helper.py").write_text("X = 2\n")  # an imported module's code changed
+    assert fp.code_version("craft_core.stage") != base
