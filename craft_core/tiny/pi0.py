@@ -32,6 +32,7 @@ Everything else is lerobot's own: policy, prefix construction, loss, sampling, `
 
 import copy
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -121,8 +122,6 @@ def ensure_paligemma_tokenizer_snapshot(cache_dir: Path) -> Path:
     ``{"model_type": "paligemma"}`` (AutoTokenizer reads it to pick the tokenizer family).
     Written into a temporary folder and renamed, so concurrent processes never see half a snapshot.
     """
-    import json
-
     repo_dir = Path(cache_dir) / ("models--" + PALIGEMMA_TOKENIZER_REPO.replace("/", "--"))
     revision = hashlib.sha1(_TOKENIZER_RECIPE_VERSION.encode()).hexdigest()
     snapshot = repo_dir / "snapshots" / revision

@@ -283,3 +283,39 @@ class TestPI0Adapter(PI0FamilyAdapterChecks):
         a, b = adapter.anchor_inputs(preprocessor(frames)), adapter.anchor_inputs(preprocessor(shifted))
         for name in a:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_tiny_patches_act_only_inside_the_context(tiny_pi0):
+    """Inside tiny_lerobot_models: tiny Gemma sizes and the local PaliGemma tokenizer; outside: lerobot as is."""
+    from huggingface_hub import constants
+    from lerobot.policies.pi0 import modeling_pi0
+    from transformers import AutoTokenizer
+
+    from craft_core.tiny import read_tiny_spec, tiny_lerobot_models
+    from craft_core.tiny.pi0 import PALIGEMMA_TOKENIZER_REPO, tiny_hub_cache_dir
+
+    spec = read_tiny_spec(tiny_pi0)
+    real_cache = constants.HF_HUB_CACHE
+    with tiny_lerobot_models(spec):
+        assert modeling_pi0.get_gemma_config("gemma_2b").width == spec["sizes"]["vlm_width"]
+        assert modeling_pi0.get_gemma_config("gemma_300m").width == spec["sizes"]["expert_width"]
+        assert constants.HF_HUB_CACHE == str(tiny_hub_cache_dir())
+        tokenizer = AutoTokenizer.from_pretrained(PALIGEMMA_TOKENIZER_REPO)
+        ids = tokenizer("push the red block\n").input_ids
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+        assert len(tokenizer) <= spec["sizes"]["vocab_size"]
+    assert modeling_pi0.get_gemma_config("gemma_2b").width == 2048
+    assert constants.HF_HUB_CACHE == real_cache
+
+
+def test_tiny_build_rejects_sizes_lerobot_cannot_run(tiny_pi0_dataset, tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+
+    from craft_core.tiny import build_tiny_policy
+
+    meta = LeRobotDatasetMetadata(tiny_pi0_dataset.repo_id, root=tiny_pi0_dataset.root)
+    with pytest.raises(ValueError, match="num_heads=4 but must be 8"):
+        build_tiny_policy("pi0", tmp_path / "heads", ds_meta=meta, num_heads=4)
+    with pytest.raises(ValueError, match="unknown tiny pi05 override 'colour'"):
+        build_tiny_policy("pi05", tmp_path / "typo", ds_meta=meta, colour="red")
+    assert not (tmp_path / "heads").exists() and not (tmp_path / "typo").exists()
