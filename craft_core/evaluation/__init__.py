@@ -49,6 +49,8 @@ class CheckpointError(ValueError):
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"eval.device={device!r} but CUDA is not available here; use 'cpu' or 'auto'")
     return device
 
 

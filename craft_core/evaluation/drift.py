@@ -6,6 +6,7 @@ itself drifts by ~0 (exactly 0 up to float rounding with a float32 store; a floa
 its own storage rounding, ~1e-7 in mse for unit-scale activations).
 """
 
+import contextlib
 from collections.abc import Iterable
 
 import torch
@@ -61,17 +62,32 @@ class DriftAccumulator:
 
 
 def measure_drift(
-    policy, batches: Iterable[tuple[dict[str, Tensor], Tensor]], layers: list[int], pooling: list[str]
+    policy,
+    batches: Iterable[tuple[dict[str, Tensor], Tensor]],
+    layers: list[int],
+    pooling: list[str],
+    *,
+    autocast: str | None = None,
 ) -> dict:
-    """Drift of ``policy`` over ``(stored inputs, teacher_hidden)`` batches of held-out anchors."""
+    """Drift of ``policy`` over ``(stored inputs, teacher_hidden)`` batches of held-out anchors.
+
+    ``autocast`` ("bfloat16") repeats the extraction's CUDA autocast, so that the teacher is
+    compared with vectors computed the way it computes them (else bf16-vs-fp32 noise reads as drift).
+    """
     from craft_core.adapters import get_adapter
 
     adapter = get_adapter(policy)
     accumulator = DriftAccumulator(layers, pooling)
     was_training = policy.training
     policy.eval()
+    device_type = adapter.device.type
+    amp = (
+        torch.autocast(device_type, dtype=getattr(torch, autocast))
+        if autocast and device_type == "cuda"
+        else contextlib.nullcontext()
+    )
     try:
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             for inputs, teacher_hidden in batches:
                 student = adapter.pooled(inputs, layers, pooling)
                 accumulator.add(student, torch.as_tensor(teacher_hidden))
@@ -101,6 +117,8 @@ class HeldoutAnchors:
             )
         self.layers = [int(layer) for layer in self.info["layers"]]
         self.pooling = list(self.info["pooling"])
+        # How extraction computed the teacher vectors ({"device_type", "autocast"}); older stores lack it.
+        self.compute = dict(store.attrs.get("compute") or {})
 
     def drift(self, policy, batch_size: int) -> dict:
         """Drift of ``policy`` on every held-out anchor (store checked against the policy first)."""
@@ -113,8 +131,9 @@ class HeldoutAnchors:
         batches = (
             (batch["inputs"], batch["teacher_hidden"]) for batch in dataset.loader(batch_size, shuffle=False)
         )
-        result = measure_drift(policy, batches, self.layers, self.pooling)
+        result = measure_drift(policy, batches, self.layers, self.pooling, autocast=self.compute.get("autocast"))
         result["teacher_hidden_dtype"] = self.info["dtype"]
+        result["teacher_compute"] = self.compute
         return result
 
 

@@ -72,7 +72,7 @@ def sim_key(sim: SimEvalConfig, env_cfg) -> str:
     return sim.env if sim.task is None else f"{sim.env}/{env_cfg.task}"
 
 
-def check_policy_fits_env(policy, env_cfg, env_preprocessor, checkpoint: str) -> None:
+def check_policy_fits_env(policy_cfg, env_cfg, env_preprocessor, checkpoint: str) -> None:
     """Fail before any rollout when the policy reads inputs the env never produces.
 
     Only possible statically when the env's own processors are the identity (pusht, aloha): then
@@ -87,7 +87,7 @@ def check_policy_fits_env(policy, env_cfg, env_preprocessor, checkpoint: str) ->
     provided = env_to_policy_features(env_cfg)
     expected = {
         key: feature
-        for key, feature in policy.config.input_features.items()
+        for key, feature in policy_cfg.input_features.items()
         if feature.type in (FeatureType.VISUAL, FeatureType.STATE, FeatureType.ENV)
     }
     missing = sorted(set(expected) - set(provided))
@@ -97,7 +97,7 @@ def check_policy_fits_env(policy, env_cfg, env_preprocessor, checkpoint: str) ->
             f"(task {env_cfg.task}) does not produce; it produces {sorted(provided)}. Evaluate this "
             f"policy in the env it was trained for, or train it on a dataset recorded in this env."
         )
-    action = policy.config.output_features.get("action")
+    action = policy_cfg.output_features.get("action")
     env_action = provided.get("action")
     if action is not None and env_action is not None and tuple(action.shape) != tuple(env_action.shape):
         raise ValueError(
@@ -128,7 +128,7 @@ def simulate(
     ensure_headless_rendering(sim.env)
     env_cfg = make_env_cfg(sim)
     env_preprocessor, env_postprocessor = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
-    check_policy_fits_env(policy, env_cfg, env_preprocessor, checkpoint)
+    check_policy_fits_env(policy.config, env_cfg, env_preprocessor, checkpoint)
 
     envs = make_env(env_cfg, n_envs=sim.batch_size, use_async_envs=False)
     # The same seed before every run: runs differ by their weights, not by their sampling noise.

@@ -51,61 +51,27 @@ def finetune_copy(teacher_dir: Path, dataset: dict, out_dir: Path) -> float:
     return loss.item()
 
 
-def write_anchor_store(teacher_dir: Path, dataset: dict, url: Path, *, n_anchors: int = 6) -> dict:
-    """A float32 anchor store of the teacher on ``dataset``'s first frames, half of them held out."""
-    from craft_core.adapters import get_adapter
-    from craft_core.policy_io import load_policy, make_processors, policy_loading_context
-    from craft_core.store import AnchorStoreWriter, StoreLayout, heldout_mask
-
-    pooling = ["vision_token_mean", "text_token_last"]
-    with policy_loading_context(teacher_dir):
-        teacher = load_policy(teacher_dir)
-        preprocessor, _ = make_processors(teacher, pretrained_path=teacher_dir)
-        adapter = get_adapter(teacher)
-        layers = adapter.resolve_layers([-2, -1])
-        inputs = adapter.anchor_inputs(preprocessor(_frames(dataset, teacher, n=n_anchors)))
-        with torch.no_grad():
-            hidden = adapter.pooled(inputs, layers, pooling)
-    layout = StoreLayout(
-        kind="hidden_state",
-        n_anchors=n_anchors,
-        input_spec=adapter.input_spec(),
-        teacher_shape=tuple(hidden.shape[1:]),
-        teacher_dtype="float32",
-        attrs={
-            "layers": layers,
-            "pooling": pooling,
-            "depth": adapter.depth,
-            "hidden_size": adapter.hidden_size,
-            "teacher": {"policy_type": teacher.config.type, "path": str(teacher_dir)},
-            "fingerprint": "eval-test",
-        },
-    )
-    writer = AnchorStoreWriter(url, layout)
-    arrays = {
-        "teacher_hidden": hidden.numpy(),
-        **{f"inputs/{name}": value.numpy() for name, value in inputs.items()},
-        "provenance/episode_index": np.zeros(n_anchors, dtype=np.int64),
-        "provenance/frame_index": np.arange(n_anchors, dtype=np.int64),
-        "provenance/task": np.array(["anchor"] * n_anchors),
-        "split/heldout": heldout_mask(n_anchors, 0.5),
-    }
-    for block, (start, stop) in enumerate(writer.blocks):
-        writer.write_block(block, {path: values[start:stop] for path, values in arrays.items()})
-    return writer.finalize()
-
-
 @pytest.fixture(scope="module")
-def pusht_runs(pusht_datasets, tmp_path_factory) -> dict:
-    from craft_core.tiny import build_tiny_policy
+def pusht_runs(tiny_pi0_fast, pusht_datasets, tmp_path_factory) -> dict:
+    """The shared tiny teacher (built for task B, circle), a copy fine-tuned on task A (push_t) and a
+    float32 anchor store of the teacher on task B with half of the anchors held out."""
+    from craft_core.config import CacheConfig, DatasetSource, PolicySource
+    from craft_core.extraction import extract_anchors
 
     root = tmp_path_factory.mktemp("eval_pusht")
     task_a, task_b = pusht_datasets["push_t"], pusht_datasets["circle"]
-    teacher = build_tiny_policy("pi0_fast", root / "teacher", ds_meta=task_a["meta"], seed=0)
-    finetuned = root / "finetuned"
-    final_loss = finetune_copy(teacher, task_a, finetuned)
-    store_info = write_anchor_store(teacher, task_b, root / "anchors.zarr")
-    return {"teacher": teacher, "finetuned": finetuned, "final_loss": final_loss, "store": store_info}
+    final_loss = finetune_copy(tiny_pi0_fast, task_a, root / "finetuned")
+    cache = CacheConfig(
+        teacher=PolicySource(path=str(tiny_pi0_fast)),
+        dataset=DatasetSource(repo_id=task_b["repo_id"], root=str(task_b["root"])),
+        n_anchors=6,
+        heldout_fraction=0.5,
+        dtype="float32",
+        batch_size=6,
+        device="cpu",
+    )
+    store = extract_anchors(cache, str(root / "anchors.zarr"))
+    return {"teacher": tiny_pi0_fast, "finetuned": root / "finetuned", "final_loss": final_loss, "store": store}
 
 
 def test_pusht_teacher_vs_finetuned_report(pusht_runs, tmp_path):
