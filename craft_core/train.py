@@ -234,7 +234,7 @@ def train(
     progress: ProgressFn | None = None,
 ) -> dict:
     """Fine-tune a student initialised from ``teacher`` on ``cfg.dataset``; CRaFT when ``retention``."""
-    from lerobot.common.train_utils import should_save_checkpoint
+    from lerobot.common.train_utils import get_step_checkpoint_dir, should_save_checkpoint
     from lerobot.datasets import EpisodeAwareSampler, compute_sampler_state
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -422,7 +422,7 @@ def train(
             if should_save_checkpoint(step, cfg.save_every, cfg.steps):
                 accelerator.wait_for_everyone()
                 if is_main:
-                    last_checkpoint_dir = save_checkpoint(
+                    save_checkpoint(
                         out_dir, step, cfg.steps,
                         policy=student, preprocessor=preprocessor, postprocessor=postprocessor,
                         optimizer=optimizer, scheduler=lr_scheduler,
@@ -433,6 +433,7 @@ def train(
                         policy_source_dir=Path(source.path) if Path(source.path).is_dir() else None,
                     )
                 accelerator.wait_for_everyone()
+                last_checkpoint_dir = get_step_checkpoint_dir(out_dir, cfg.steps, step)
     finally:
         progress_bar.close()
         if metrics is not None:

@@ -1,4 +1,8 @@
-"""Two CPU processes (accelerate launch, gloo) make the same CRaFT update as one process on the union batch.
+"""Two CPU processes (gloo) make the same CRaFT update as one process on the union batch.
+
+The processes are started by torchrun (what ``accelerate launch --multi_gpu`` runs; ``accelerate
+launch --cpu`` needs MPI for several processes); with ``cpu=True`` accelerate's Accelerator turns
+the torchrun environment into its MULTI_CPU mode with the gloo backend and wraps the policy in DDP.
 
 Two retention steps (K=1; the first one's retention gradient is zero because the student starts as
 an exact copy of the teacher) with batch 2 + anchor batch 2 per rank against one process with batch
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from craft_core.config import PolicySource
-from tests.craft_core.test_train import load_weights, make_anchor_store, read_metrics, train_config
+from tests.craft_core.test_train import load_weights, make_anchor_store, read_metrics, retained_dataset, train_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,38 +39,39 @@ train(TrainConfig.model_validate(args["cfg"]), teacher=PolicySource(path=args["t
 """
 
 
-def _write_constant_action_dataset(root: Path):
-    """Same features as the tiny policies' fixture dataset (two cameras, 2-d state/action), constant action."""
+def _write_constant_action_dataset(source_meta, root: Path) -> tuple[str, Path]:
+    """A pusht-shaped dataset (the teacher's features) whose action is the same in every frame."""
     from lerobot.datasets import LeRobotDataset
+    from lerobot.utils.constants import DEFAULT_FEATURES
 
-    from tests.fixtures.policies import POLICY_TEST_CAMERAS, POLICY_TEST_FPS, POLICY_TEST_REPO_ID, POLICY_TEST_TASKS
-
-    features = {
-        **{key: {"dtype": "image", "shape": (96, 96, 3), "names": ["height", "width", "channels"]}
-           for key in POLICY_TEST_CAMERAS},
-        "observation.state": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
-        "action": {"dtype": "float32", "shape": (2,), "names": ["x", "y"]},
-    }
-    dataset = LeRobotDataset.create(POLICY_TEST_REPO_ID, fps=POLICY_TEST_FPS, features=features, root=root,
-                                    use_videos=False)
+    features = {k: v for k, v in source_meta.features.items() if k not in DEFAULT_FEATURES}
+    repo_id = "local/pusht_constant_action"
+    dataset = LeRobotDataset.create(repo_id, fps=source_meta.fps, features=features, root=root, use_videos=False)
     rng = np.random.default_rng(1)
     for episode in range(2):
         for _ in range(6):
-            frame = {key: rng.integers(0, 256, size=(96, 96, 3), dtype=np.uint8) for key in POLICY_TEST_CAMERAS}
-            frame["observation.state"] = rng.uniform(-1, 1, size=2).astype(np.float32)
-            frame["action"] = np.array([0.25, -0.5], dtype=np.float32)
-            frame["task"] = POLICY_TEST_TASKS[episode]
+            frame = {}
+            for key, feature in features.items():
+                if feature["dtype"] == "image":
+                    frame[key] = rng.integers(0, 256, size=feature["shape"], dtype=np.uint8)
+                elif key == "action":
+                    frame[key] = np.full(feature["shape"], 0.25, dtype=np.float32)
+                elif feature["dtype"] == "bool":
+                    frame[key] = np.zeros(feature["shape"], dtype=bool)
+                else:
+                    frame[key] = rng.uniform(0, 1, size=feature["shape"]).astype(feature["dtype"])
+            frame["task"] = f"constant action task {episode}"
             dataset.add_frame(frame)
         dataset.save_episode()
     dataset.finalize()
-    return POLICY_TEST_REPO_ID, root
+    return repo_id, root
 
 
-def test_two_process_update_equals_one_process_on_the_union_batch(tiny_pi0_fast, policy_test_dataset, tmp_path):
+def test_two_process_update_equals_one_process_on_the_union_batch(tiny_pi0_fast, pusht_datasets, tmp_path):
     from craft_core.train import train
 
-    store = make_anchor_store(tiny_pi0_fast, *policy_test_dataset[:2], tmp_path / "anchors.zarr", n_anchors=8)
-    repo_id, root = _write_constant_action_dataset(tmp_path / "constant_action")
+    store = make_anchor_store(tiny_pi0_fast, *retained_dataset(pusht_datasets), tmp_path / "anchors.zarr", n_anchors=8)
+    repo_id, root = _write_constant_action_dataset(pusht_datasets["push_t"]["meta"], tmp_path / "constant_action")
     retention = {"every_k": 1, "merge": "weighted", "conflict_threshold": 1.0}  # always project: exercise PCGrad
     two_cfg = train_config(repo_id, root, steps=2, batch_size=2, retention={**retention, "anchor_batch_size": 2})
     one_cfg = train_config(repo_id, root, steps=2, batch_size=4, retention={**retention, "anchor_batch_size": 4})
@@ -77,9 +82,7 @@ def test_two_process_update_equals_one_process_on_the_union_batch(tiny_pi0_fast,
     script = tmp_path / "run_train.py"
     script.write_text(RUN_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    launcher = Path(sys.executable).with_name("accelerate")
-    cmd = [str(launcher), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(script), str(args_file)]
     # start_new_session + killpg on timeout: neither the launcher nor its workers can outlive the test.
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from craft_core.config import PolicySource
-from tests.craft_core.test_train import load_weights, make_anchor_store, read_metrics, train_config
+from tests.craft_core.test_train import (
+    load_weights,
+    make_anchor_store,
+    read_metrics,
+    retained_dataset,
+    task_dataset,
+    train_config,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,11 +80,11 @@ def _kill_after_checkpoint(args: dict, out_dir: Path, timeout_s: float = 240.0) 
     return int(last.resolve().name)
 
 
-def test_sigkilled_run_resumes_to_the_same_weights(tiny_smolvla, policy_test_dataset, tmp_path):
+def test_sigkilled_run_resumes_to_the_same_weights(tiny_smolvla, pusht_datasets, tmp_path):
     from craft_core.checkpoint import ResumeConfigMismatch
 
-    repo_id, root, _ = policy_test_dataset
-    store = make_anchor_store(tiny_smolvla, repo_id, root, tmp_path / "anchors.zarr")
+    store = make_anchor_store(tiny_smolvla, *retained_dataset(pusht_datasets), tmp_path / "anchors.zarr")
+    repo_id, root = task_dataset(pusht_datasets)
     cfg = train_config(repo_id, root, steps=6, save_every=2)
     teacher = PolicySource(path=str(tiny_smolvla))
 
