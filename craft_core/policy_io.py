@@ -18,22 +18,31 @@ things:
   weights that lerobot failed to load (pi0_fast's ``from_pretrained`` only prints a warning and
   returns a randomly initialised model).
 
+- **revisions**: a hub id is materialised at its revision with ``snapshot_download`` and then
+  loaded as a local folder, so config, weights and processors all come from that revision.
+
 Loading a teacher (frozen) and building a student (trainable copy) — the pattern for every stage::
 
     from craft_core.policy_io import load_policy, make_processors
 
     teacher = load_policy(source, ds_meta=meta, device=device)   # eval mode, requires_grad off
-    preprocessor, postprocessor = make_processors(teacher, pretrained_path=source.path)
+    # the teacher's saved processors (its normalisation stats, tokenizers):
+    preprocessor, postprocessor = make_processors(teacher, pretrained_path=teacher.config.pretrained_path)
     student = load_policy(source, ds_meta=meta, device=device, trainable=True)
+    # fine-tuning normalises with the task dataset's stats, as lerobot_train does:
+    preprocessor, postprocessor = make_processors(
+        student, dataset_stats=meta.stats, pretrained_path=student.config.pretrained_path)
 
     # or with lerobot's factory directly (what lerobot_train does), inside the loading context:
     from lerobot.policies.factory import make_policy
-    cfg = load_policy_config(source)             # cfg.pretrained_path is set, tokenizers resolved
-    with policy_loading_context(source.path):
+    cfg = load_policy_config(source)     # pretrained_path = local folder (hub snapshot), tokenizers resolved
+    with policy_loading_context(cfg.pretrained_path):
         student = make_policy(cfg, ds_meta=meta)
 
-When saving a checkpoint of a policy loaded from a tiny folder, call
-``craft_core.tiny.copy_tiny_marker(teacher_folder, checkpoint_folder)`` after ``save_pretrained``.
+A checkpoint saved (``save_pretrained``) from a policy loaded from a tiny folder keeps loading as
+tiny while the teacher folder exists (its config points at the teacher's tokenizers); to make it
+self-contained copy ``craft_tiny.json`` (``craft_core.tiny.copy_tiny_marker``) and the
+``tokenizers/`` folder next to it (``craft_core.checkpoint`` does both).
 """
 
 import json
@@ -186,9 +195,13 @@ def _tiny_path_overrides(folder: Path, config: dict | Any, spec: dict) -> dict[s
 
 
 def load_policy_config(source: PolicySource | str | Path):
-    """The policy's ``PreTrainedConfig`` with ``pretrained_path``/``pretrained_revision`` set.
+    """The policy's ``PreTrainedConfig``, ``pretrained_path`` set to a local folder.
 
-    For a moved tiny folder, tokenizer paths are re-pointed at the folder's own copies.
+    A hub id is materialised with ``snapshot_download(repo_id, revision=...)`` first, so that
+    lerobot's loaders then read config, weights and processors of that revision (pi0_fast's
+    ``from_pretrained`` drops ``revision`` when it fetches ``model.safetensors``).
+    ``pretrained_revision`` keeps the requested revision. For a moved tiny folder, tokenizer
+    paths are re-pointed at the folder's own copies.
     """
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class  # noqa: F401  (registers every config class)
@@ -201,11 +214,13 @@ def load_policy_config(source: PolicySource | str | Path):
         raise PolicyLoadError(
             f"policy type {policy_type!r} of {source.path} is not a lerobot policy type; known: {sorted(known)}"
         )
-    cfg = PreTrainedConfig.from_pretrained(str(folder) if folder else source.path, revision=source.revision)
-    cfg.pretrained_path = str(folder) if folder else source.path
+    if folder is None:
+        folder = _hub_snapshot(source)
+    cfg = PreTrainedConfig.from_pretrained(str(folder))
+    cfg.pretrained_path = str(folder)
     if hasattr(cfg, "pretrained_revision"):
         cfg.pretrained_revision = source.revision
-    spec = tiny_spec_of(folder) if folder else None
+    spec = tiny_spec_of(folder)
     if spec is not None:
         for field, value in _tiny_path_overrides(folder, cfg, spec).items():
             setattr(cfg, field, value)
@@ -221,29 +236,38 @@ def load_policy(
 ):
     """Load a pretrained lerobot policy (hub id or local folder) onto ``device``.
 
-    With ``ds_meta`` it goes through lerobot's ``make_policy(cfg, ds_meta=...)`` (output
-    features taken from the dataset, as lerobot_train does); without, through the policy class's
-    ``from_pretrained``. Returns the policy in eval mode with gradients off unless ``trainable``.
+    Goes through ``load_policy_config`` (hub ids materialised at their revision), then with
+    ``ds_meta`` through lerobot's ``make_policy(cfg, ds_meta=...)`` (output features from the
+    dataset, as lerobot_train does), without through the policy class's ``from_pretrained``.
+    Returns the policy in eval mode with gradients off unless ``trainable``.
     """
     from lerobot.policies.factory import get_policy_class, make_policy
 
-    source = _as_source(source)
     cfg = load_policy_config(source)
+    folder = Path(cfg.pretrained_path)
     cfg.device = str(device)
-    with policy_loading_context(cfg.pretrained_path if _local_folder(source.path) else None):
+    with policy_loading_context(folder):
         if ds_meta is not None:
             policy = make_policy(cfg, ds_meta=ds_meta)
         else:
-            policy = get_policy_class(cfg.type).from_pretrained(
-                cfg.pretrained_path, config=cfg, revision=source.revision
-            )
+            policy = get_policy_class(cfg.type).from_pretrained(str(folder), config=cfg)
     policy.to(device)
-    folder = _local_folder(source.path)
-    if folder is not None:
-        _check_weights_loaded(policy, folder)
+    _check_weights_loaded(policy, folder)
     policy.train(trainable)
     policy.requires_grad_(trainable)
     return policy
+
+
+def _hub_snapshot(source: PolicySource) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source.path, revision=source.revision))
+    except Exception as exc:  # offline and not cached, unknown repo or revision
+        raise PolicyLoadError(
+            f"cannot fetch hub policy {source.path!r} (revision {source.revision!r}): {exc}. "
+            "Offline (HF_HUB_OFFLINE=1) only local folders and cached repos work."
+        ) from exc
 
 
 def _check_weights_loaded(policy: torch.nn.Module, folder: Path) -> None:

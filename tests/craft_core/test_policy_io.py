@@ -148,3 +148,28 @@ def test_unknown_adapter_type_lists_supported_types(tiny_pi0_fast):
         adapter_class("act")
     policy = load_policy(tiny_pi0_fast)
     assert get_adapter(policy).policy_type == "pi0_fast"
+
+
+def test_hub_revision_is_honoured_for_config_and_weights(tiny_pi0_fast, tmp_path, monkeypatch):
+    """A hub id is loaded from the snapshot of the requested revision (an offline hub cache here)."""
+    import huggingface_hub.constants
+    from safetensors.torch import load_file, save_file
+
+    repo = tmp_path / "hub" / "models--craft--tiny-pi0fast"
+    commits = {"main": "a" * 40, "v1": "b" * 40}
+    for ref, commit in commits.items():
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+        shutil.copytree(tiny_pi0_fast, repo / "snapshots" / commit)
+    weights = load_file(repo / "snapshots" / commits["v1"] / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.ndim == 2)
+    weights[name] = weights[name] + 1.0
+    save_file(weights, repo / "snapshots" / commits["v1"] / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    main = load_policy(PolicySource(path="craft/tiny-pi0fast"))
+    v1 = load_policy(PolicySource(path="craft/tiny-pi0fast", revision="v1"))
+    assert main.config.pretrained_path.endswith(commits["main"]) and v1.config.pretrained_path.endswith(commits["v1"])
+    assert v1.config.pretrained_revision == "v1"
+    key = name if name in v1.state_dict() else f"model.{name}"
+    torch.testing.assert_close(v1.state_dict()[key], main.state_dict()[key] + 1.0)
