@@ -4,6 +4,8 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+
 
 def comparison_rows(report: dict) -> list[dict]:
     """One row per evaluated run: success and reward per sim env, drift, final task loss.
@@ -99,6 +101,10 @@ def render_markdown(report: dict) -> str:
 
 def _json_safe(value):
     """NaN/inf are not JSON: write them as null (lerobot reports nan for empty aggregates)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

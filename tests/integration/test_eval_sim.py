@@ -85,6 +85,7 @@ def test_pusht_teacher_vs_finetuned_report(pusht_runs, tmp_path):
         device="cpu",
     )
     fingerprints = {"cache": "c0ffee", "train": "beef42"}
+    progress_calls = []
     report = evaluate(
         cfg,
         runs={"teacher": str(pusht_runs["teacher"]), "finetuned": str(pusht_runs["finetuned"])},
@@ -93,9 +94,13 @@ def test_pusht_teacher_vs_finetuned_report(pusht_runs, tmp_path):
         out_dir=tmp_path,
         train_results={"finetuned": {"final_task_loss": pusht_runs["final_loss"], "steps": FINETUNE_STEPS}},
         fingerprints=fingerprints,
+        progress=lambda done, total, metrics: progress_calls.append((done, total, metrics)),
     )
 
     assert json.loads((tmp_path / "report.json").read_text()) == report
+    # One call per (run, sim env) and per (run, drift).
+    assert [(done, total) for done, total, _ in progress_calls] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert progress_calls[-1][2] == {"run": "finetuned", "drift_mse": report["drift"]["finetuned"]["mse"]}
     assert report["fingerprints"] == fingerprints
     for run in ("teacher", "finetuned"):
         sim = report["sim"][run]["pusht"]
