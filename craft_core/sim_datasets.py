@@ -23,8 +23,9 @@ at most 30 px per step, plus N(0, 3 px) noise):
   coverage rises from 0.04 to 0.17 / 0.23 / 0.25, 0 successes.
 - `circle`: circles the block's starting position at 120 px radius, one turn per 24 steps.
 - `corner`: goes straight to the top-left corner and stays there.
-aloha (`AlohaInsertion-v0` physics): `reach` leans both arms forward over the table and closes the
-grippers; it does not insert anything.
+aloha (`AlohaInsertion-v0` physics, joint-position targets, N(0, 0.01 rad) noise): `reach` leans both
+arms forward over the table and closes the grippers; `lift` raises and twists the arms outwards
+while opening and closing the grippers. Neither inserts anything.
 
 Every episode is reproducible: the env is reset with a seed derived from (`seed`, episode index)
 and the controller's action noise comes from a generator seeded the same way, so the same
@@ -50,6 +51,7 @@ PUSHT_TASKS: dict[str, str] = {
 }
 ALOHA_TASKS: dict[str, str] = {
     "reach": "reach both arms forward over the table and close the grippers",
+    "lift": "raise both arms and open and close the grippers",
 }
 
 ENVS = ("pusht", "aloha")
@@ -230,19 +232,25 @@ def _aloha_features(image_size: int, camera_dtype: str) -> dict:
 
 
 # Joint offsets from the start pose, per arm: waist, shoulder, elbow, forearm roll, wrist angle,
-# wrist rotate, then the gripper target (normalised: 1 open, 0 closed).
+# wrist rotate (the left arm's; the right arm mirrors waist / roll / rotate as the arms face each other).
 _ALOHA_REACH_OFFSET = np.array([0.0, 0.45, -0.35, 0.0, 0.35, 0.0])
+_ALOHA_LIFT_OFFSET = np.array([0.3, -0.4, -0.3, 0.0, -0.4, 0.5])
 
 
-def _aloha_reach_action(start: np.ndarray, step: int, max_steps: int) -> np.ndarray:
-    """Lean both arms forward over the table (first 60 % of the episode), then close the grippers."""
+def _aloha_action(task: str, start: np.ndarray, step: int, max_steps: int) -> np.ndarray:
+    """Joint targets: a smooth move from the start pose plus a gripper pattern (1 open, 0 closed).
+
+    reach: lean forward over the table (first 60 % of the episode), then close the grippers.
+    lift: raise and twist the arms outwards while the grippers open and close every 8 steps.
+    """
     progress = min(1.0, (step + 1) / max(1.0, 0.6 * max_steps))
+    offset = _ALOHA_REACH_OFFSET if task == "reach" else _ALOHA_LIFT_OFFSET
+    gripper = (1.0 if progress < 1.0 else 0.0) if task == "reach" else float((step // 8) % 2 == 0)
     action = np.empty(14)
-    for arm in (0, 7):
-        side = 1.0 if arm == 0 else -1.0  # the arms face each other: mirror the waist
-        offset = _ALOHA_REACH_OFFSET * np.array([side, 1, 1, side, 1, side])
-        action[arm : arm + 6] = start[arm : arm + 6] + progress * offset
-        action[arm + 6] = 1.0 if progress < 1.0 else 0.0
+    for arm, side in ((0, 1.0), (7, -1.0)):
+        mirrored = offset * np.array([side, 1, 1, side, 1, side])
+        action[arm : arm + 6] = start[arm : arm + 6] + progress * mirrored
+        action[arm + 6] = gripper
     return action
 
 
@@ -303,7 +311,7 @@ def _record_aloha(dataset, task: str, *, n_episodes: int, max_steps: int, image_
             obs, _ = env.reset(seed=episode_seed)
             start = np.asarray(obs["agent_pos"], dtype=np.float64).copy()
             for step in range(max_steps):
-                action = _aloha_reach_action(start, step, max_steps)
+                action = _aloha_action(task, start, step, max_steps)
                 joints = np.r_[0:6, 7:13]
                 action[joints] += noise.normal(0.0, ALOHA_NOISE_RAD, joints.size)
                 action = action.astype(np.float32)

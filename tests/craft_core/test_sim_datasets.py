@@ -8,17 +8,21 @@ from craft_core.sim_datasets import ALOHA_TASKS, PUSHT_TASKS, record_dataset
 from tests.fixtures.data import FIXTURE_PUSHT_TASKS
 
 
-def _columns(repo_id, root, *keys) -> dict[str, np.ndarray]:
-    """Columns of a dataset straight from its parquet files (as lerobot decodes them), one row per frame."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+def _columns(root, *keys) -> dict[str, np.ndarray]:
+    """Columns as stored in the dataset's parquet files, one row per frame (images as PNG bytes)."""
+    import pandas as pd
 
-    ds = LeRobotDataset(repo_id, root=root, video_backend="pyav")
-    return {key: np.stack([np.asarray(v) for v in ds.hf_dataset[key]]) for key in keys}
+    frames = pd.concat([pd.read_parquet(f, columns=list(keys)) for f in sorted((root / "data").rglob("*.parquet"))])
+    columns = {}
+    for key in keys:
+        values = frames[key].tolist()
+        columns[key] = np.array([v["bytes"] for v in values]) if isinstance(values[0], dict) else np.stack(values)
+    return columns
 
 
 def _episode_actions(entry) -> np.ndarray:
     """Actions as [episodes, steps, action_dim]."""
-    cols = _columns(entry["repo_id"], entry["root"], "action", "episode_index")
+    cols = _columns(entry["root"], "action", "episode_index")
     episodes = np.unique(cols["episode_index"])
     return np.stack([cols["action"][cols["episode_index"] == e] for e in episodes])
 
@@ -114,11 +118,11 @@ def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
             "pusht", "corner", repo_id=f"local/{name}", root=tmp_path / name,
             n_episodes=2, max_steps=6, image_size=32, seed=seed,
         )
-        return _columns(meta.repo_id, tmp_path / name, "action", "observation.state", "observation.image")
+        return _columns(tmp_path / name, "action", "observation.state", "observation.image")
 
     first, again, other = record("a", 7), record("b", 7), record("c", 8)
     # Including the rendered frames (pusht's pygame renders are deterministic).
-    assert first["observation.image"].shape == (12, 3, 32, 32)
+    assert first["observation.image"].shape == (12,)
     for key in first:
         np.testing.assert_array_equal(first[key], again[key])
         assert not np.array_equal(first[key], other[key]), key
@@ -168,6 +172,19 @@ def test_aloha_recording_in_mujoco_sim(aloha_dataset):
     assert item["observation.state"].shape == (14,)
     assert item["action"].shape == (3, 14)
     assert item["task"] == ALOHA_TASKS["reach"]
-    cols = _columns(aloha_dataset["repo_id"], aloha_dataset["root"], "observation.state")
+    cols = _columns(aloha_dataset["root"], "observation.state")
     # The scripted reach moves the joints (state is read back from the simulator, not the script).
     assert np.abs(cols["observation.state"][-1] - cols["observation.state"][0]).max() > 0.02
+
+
+def test_aloha_lift_task_has_its_own_action_pattern(aloha_dataset, tmp_path):
+    """The second aloha task is recorded in the same sim and moves the arms another way than `reach`."""
+    meta = record_dataset(
+        "aloha", "lift", repo_id="local/aloha_lift", root=tmp_path / "lift",
+        n_episodes=1, max_steps=6, image_size=32, seed=0,
+    )
+    assert list(meta.tasks.index) == [ALOHA_TASKS["lift"]]
+    lift = _columns(tmp_path / "lift", "action")["action"]
+    reach = _columns(aloha_dataset["root"], "action")["action"][:6]
+    assert lift.shape == reach.shape == (6, 14)
+    assert np.abs(lift - reach).mean(0).max() > 0.2
