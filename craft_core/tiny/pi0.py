@@ -39,7 +39,7 @@ import tempfile
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from craft_core.tiny.build import instantiate_and_save
 from craft_core.tiny.patching import replaced_attribute, tiny_lerobot_models
@@ -306,10 +306,12 @@ def build_pi0_family(
         return instantiate_and_save(cfg, spec, Path(out_dir), ds_meta=ds_meta, seed=seed)
 
 
-def build(out_dir: Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
+def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] = (), **overrides: Any) -> Path:
     """Write a tiny pi0 folder for ``ds_meta``'s features.
 
     ``overrides``: any key of ``DEFAULT_SIZES`` (backbone sizes) or a ``PI0Config`` field.
+    ``extra_texts`` needs no handling: the PaliGemma tokenizer is the fixed snapshot, whose
+    alphabet holds every printable ASCII character, so no instruction maps to ``<unk>``.
     """
     from lerobot.policies.pi0.configuration_pi0 import PI0Config
 

@@ -10,7 +10,7 @@ preprocessor, so prompts are longer and the default ``tokenizer_max_length`` is 
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from craft_core.tiny.pi0 import build_pi0_family, patch_pi0_family
 
@@ -29,10 +29,11 @@ def patches(spec: Mapping[str, Any]) -> Iterator[None]:
         yield
 
 
-def build(out_dir: Path, *, ds_meta, seed: int = 0, **overrides: Any) -> Path:
+def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] = (), **overrides: Any) -> Path:
     """Write a tiny pi05 folder for ``ds_meta``'s features.
 
-    ``overrides``: any key of ``craft_core.tiny.pi0.DEFAULT_SIZES`` or a ``PI05Config`` field.
+    ``overrides``: any key of ``craft_core.tiny.pi0.DEFAULT_SIZES`` or a ``PI05Config`` field;
+    ``extra_texts`` as for pi0 (the fixed tokenizer snapshot covers every printable character).
     """
     from lerobot.policies.pi05.configuration_pi05 import PI05Config
 
