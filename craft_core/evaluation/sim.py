@@ -150,6 +150,15 @@ def simulate(
                 start_seed=sim.seed,
                 max_parallel_tasks=env_cfg.max_parallel_tasks,
             )
+    except Exception as exc:
+        # dm_control (aloha) gives up on actions far outside the joints' range; say what it means.
+        if type(exc).__name__ != "PhysicsError":
+            raise
+        raise RuntimeError(
+            f"the simulation of {env_cfg.type!r} became unstable under the policy at {checkpoint} ({exc}). Its "
+            f"actions are probably far outside the robot's range: check that the checkpoint's postprocessor "
+            f"unnormalises actions with the statistics of a dataset recorded in this env."
+        ) from exc
     finally:
         close_envs(envs)
 
