@@ -93,7 +93,17 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+def _file_key(path: Path) -> tuple[Path, int, int]:
+    stat = path.stat()
+    return path, stat.st_mtime_ns, stat.st_size
+
+
 def _imported_modules(path: Path) -> set[str]:
+    return _imported_modules_cached(*_file_key(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _imported_modules_cached(path: Path, mtime_ns: int, size: int) -> set[str]:
     """``craft_core`` modules imported anywhere in a file (function-level imports included)."""
     name = _module_name(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -151,6 +161,11 @@ def code_version(entry_module: str) -> str:
 
 
 def _code_text(path: Path) -> str:
+    return _code_text_cached(*_file_key(path))
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_text_cached(path: Path, mtime_ns: int, size: int) -> str:
     """The module's syntax tree without docstrings: comments, docstrings and formatting edits
     do not change what a stage computes, so they must not invalidate its outputs."""
     tree = ast.parse(path.read_text(), filename=str(path))

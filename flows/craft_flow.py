@@ -26,9 +26,9 @@ if __name__ == "__main__" and not os.environ.get("PREFECT_API_URL"):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow
-from prefect.logging import get_run_logger
 
 from craft_core.config import STAGES, PipelineConfig, load_config, load_preset
+from tasks.common import run_logger
 from tasks.isolation import uses_cuda
 from tasks.plan import StagePlan, StageRef, plan_pipeline, resolve_assets
 from tasks.stages import assets_task, cache_task, eval_task, train_task
@@ -54,7 +54,7 @@ def _isolate(config: PipelineConfig, device: str) -> bool:
 @flow(name="craft", log_prints=True)
 def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
     """Run the CRaFT pipeline; stages whose content-addressed output exists are skipped."""
-    logger = get_run_logger()
+    logger = run_logger()
     plans = plan_pipeline(config)
     selected = set(config.stages)
     refs: dict[str, StageRef] = {}

@@ -46,7 +46,7 @@ def artifact_key(*parts: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text)
 
 
-def _logger():
+def run_logger():
     try:
         return get_run_logger()
     except Exception:  # outside a run (direct calls in tests)
@@ -85,7 +85,7 @@ class ProgressArtifact:
             else:
                 update_progress_artifact(self.artifact_id, percent, description=description)
         except Exception as exc:  # progress is for humans; the stage must not die of an API hiccup
-            _logger().warning("progress artifact update failed: %s", exc)
+            run_logger().warning("progress artifact update failed: %s", exc)
 
 
 def summary_markdown(plan: StagePlan, ref: StageRef, executed: bool, extra: str = "") -> str:
@@ -116,7 +116,7 @@ def image_markdown(path: str | Path, title: str) -> str:
 
 def execute_stage(plan: StagePlan, function_path: str, kwargs: dict, *, isolate: bool) -> tuple[StageRef, bool]:
     """Run a craft_core stage into its content-addressed dir (or reuse a complete one)."""
-    logger = _logger()
+    logger = run_logger()
     stage_dir = plan.stage_dir()
     progress = ProgressArtifact(plan)
 

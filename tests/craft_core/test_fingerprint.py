@@ -156,5 +156,5 @@ def test_code_version_ignores_comments_and_docstrings_but_not_code(tmp_path, mon
 
     stage.write_text('"""Other doc."""\nimport craft_core.helper  # why\n\n\ndef f():\n    """Doc."""\n    return 1\n')
     assert fp.code_version("craft_core.stage") == base
-    (package / "helper.py").write_text("X = 2\n")  # an imported module's code changed
+    (package / "helper.py").write_text("X = 20\n")  # an imported module's code changed
     assert fp.code_version("craft_core.stage") != base
