@@ -46,7 +46,7 @@ self-contained copy ``craft_tiny.json`` (``craft_core.tiny.copy_tiny_marker``) a
 """
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -166,8 +166,7 @@ def policy_loading_context(path: str | Path | PolicySource | None) -> Iterator[d
         path = path.path
     spec = tiny_spec_of(path) if path is not None else None
     if spec is None:
-        with nullcontext():
-            yield None
+        yield None
         return
     from craft_core.tiny.patching import tiny_lerobot_models
 
@@ -312,7 +311,8 @@ def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_pat
                 "make_processors needs dataset_stats (to build fresh processors) or pretrained_path (to load the "
                 "saved ones, e.g. the folder the policy was loaded from)"
             )
-        return make_pre_post_processors(cfg, dataset_stats=dataset_stats)
+        with policy_loading_context(cfg.pretrained_path if cfg.pretrained_path else None):
+            return make_pre_post_processors(cfg, dataset_stats=dataset_stats)
 
     pretrained_path = str(pretrained_path)
     folder = _local_folder(pretrained_path)
@@ -339,10 +339,12 @@ def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_pat
         for field, steps in _TINY_PATH_FIELDS.get(cfg.type, {}).items():
             for step, step_field in steps:
                 pre_overrides.setdefault(step, {})[step_field] = getattr(cfg, field)
-    return make_pre_post_processors(
-        cfg,
-        pretrained_path=pretrained_path,
-        pretrained_revision=getattr(cfg, "pretrained_revision", None),
-        preprocessor_overrides=pre_overrides,
-        postprocessor_overrides=post_overrides,
-    )
+    # Some tiny processors resolve tokenizers through the patches too (pi0/pi05's PaliGemma name).
+    with policy_loading_context(folder):
+        return make_pre_post_processors(
+            cfg,
+            pretrained_path=pretrained_path,
+            pretrained_revision=getattr(cfg, "pretrained_revision", None),
+            preprocessor_overrides=pre_overrides,
+            postprocessor_overrides=post_overrides,
+        )

@@ -33,6 +33,7 @@ POLICY_MODULES: tuple[str, ...] = ("pi0_fast", "smolvla", "pi0", "pi05")
 # Patches rebind module-level names of lerobot: two threads building models at once with
 # different specs would see each other's patches, so entering is serialised.
 _PATCH_LOCK = threading.RLock()
+_ACTIVE_SPECS: list[Mapping[str, Any]] = []
 
 
 def _policy_patch_factories() -> list:
@@ -59,8 +60,13 @@ def tiny_lerobot_models(spec: Mapping[str, Any]) -> Iterator[None]:
             f"tiny spec needs 'policy_type' and 'sizes' (the content of craft_tiny.json), got keys {sorted(spec)}"
         )
     with _PATCH_LOCK, ExitStack() as stack:
-        for patches in _policy_patch_factories():
-            stack.enter_context(patches(spec))
+        # Re-entering for the spec already active (load_policy inside policy_loading_context)
+        # must not stack a second layer of patches on top of the first.
+        if not (_ACTIVE_SPECS and _ACTIVE_SPECS[-1] == spec):
+            for patches in _policy_patch_factories():
+                stack.enter_context(patches(spec))
+        _ACTIVE_SPECS.append(spec)
+        stack.callback(_ACTIVE_SPECS.pop)
         yield
 
 

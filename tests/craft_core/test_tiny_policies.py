@@ -53,7 +53,11 @@ def test_patching_is_confined_to_the_context_manager(tiny_pi0_fast_two_cameras):
     assert getattr(modeling_pi0_fast, name) is real  # built already (fixture), nothing left patched
     spec = json.loads((tiny_pi0_fast_two_cameras / TINY_MARKER).read_text())
     with tiny_lerobot_models(spec):
-        assert getattr(modeling_pi0_fast, name) is not real
+        patched = getattr(modeling_pi0_fast, name)
+        assert patched is not real
+        with tiny_lerobot_models(dict(spec)):  # re-entered for the same folder: no second layer
+            assert getattr(modeling_pi0_fast, name) is patched
+        assert getattr(modeling_pi0_fast, name) is patched
     assert getattr(modeling_pi0_fast, name) is real
     with pytest.raises(ValueError, match="policy_type"):
         with tiny_lerobot_models({"sizes": {}}):
