@@ -157,8 +157,17 @@ def test_aloha_recording_in_mujoco_sim(aloha_dataset):
     """gym-aloha (MuJoCo, EGL rendering): one scripted episode recorded and reloaded."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+    from lerobot.envs.configs import AlohaEnv
+
     meta = aloha_dataset["meta"]
     assert meta.total_episodes == 1 and meta.total_frames == 10 and meta.fps == 50
+    # The names lerobot's AlohaEnv observations get in eval (features_map) are the recorded ones.
+    env_cfg = AlohaEnv()
+    for env_key, feature in env_cfg.features.items():
+        name = env_cfg.features_map[env_key]
+        assert name in meta.features, name
+        if name != "observation.images.top":  # the camera is recorded smaller than the eval render
+            assert tuple(meta.features[name]["shape"]) == feature.shape, name
     assert meta.camera_keys == ["observation.images.top"]
     ds = LeRobotDataset(
         aloha_dataset["repo_id"],
