@@ -15,7 +15,7 @@ import pytest
 import torch
 import zarr
 
-from craft_core.config import DatasetSource, PolicySource, RetentionConfig, TrainConfig
+from craft_core.config import CacheConfig, DatasetSource, PolicySource, RetentionConfig, TrainConfig
 
 POOLING = ["vision_token_mean", "text_token_last"]
 
@@ -24,46 +24,16 @@ POOLING = ["vision_token_mean", "text_token_last"]
 
 
 def make_anchor_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Path, *, n_anchors: int = 12) -> str:
-    """A real Zarr anchor store of ``teacher_dir``: its pooled hidden states on dataset frames.
+    """A real Zarr anchor store of ``teacher_dir`` on the dataset, written by the cache stage."""
+    from craft_core.extraction import extract_anchors
 
-    Written through the store's own writer exactly as the cache stage does: the teacher's
-    preprocessor, the adapter's stored prefix inputs, then the teacher's pooled vectors computed
-    from those stored inputs.
-    """
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
-
-    from craft_core.adapters import get_adapter
-    from craft_core.policy_io import load_policy, make_processors
-    from craft_core.store import PROVENANCE, AnchorStoreWriter, StoreLayout
-
-    meta = LeRobotDatasetMetadata(repo_id, root=root)
-    teacher = load_policy(PolicySource(path=str(teacher_dir)), ds_meta=meta, device="cpu")
-    preprocessor, _ = make_processors(teacher, pretrained_path=str(teacher_dir))
-    dataset = LeRobotDataset(repo_id, root=root, video_backend="pyav")
-    adapter = get_adapter(teacher)
-    layers = adapter.resolve_layers([-2, -1])
-    frames = torch.utils.data.default_collate([dataset[i] for i in range(n_anchors)])
-    inputs = adapter.anchor_inputs(preprocessor(frames))
-    with torch.no_grad():
-        hidden = adapter.pooled(inputs, layers, POOLING)
-    layout = StoreLayout(
-        kind="hidden_state", n_anchors=n_anchors, input_spec=adapter.input_spec(),
-        teacher_shape=tuple(hidden.shape[1:]), teacher_dtype="float32", chunk_anchors=4,
-        attrs={"teacher": {"policy_type": adapter.policy_type, "path": str(teacher_dir), "revision": None,
-                           "dtype": "float32"},
-               "layers": layers, "depth": adapter.depth, "hidden_size": adapter.hidden_size, "pooling": POOLING,
-               "fingerprint": f"test-{adapter.policy_type}-{n_anchors}"},
+    cfg = CacheConfig(
+        teacher=PolicySource(path=str(teacher_dir)),
+        dataset=DatasetSource(repo_id=repo_id, root=str(root)),
+        n_anchors=n_anchors, layers=[-2, -1], pooling=POOLING, dtype="float32", batch_size=4,
+        device="cpu", heldout_fraction=0.0, seed=0,
     )
-    writer = AnchorStoreWriter(store_url, layout)
-    arrays = {"teacher_hidden": hidden.numpy(), "split/heldout": np.zeros(n_anchors, dtype=bool),
-              **{f"inputs/{name}": value.numpy() for name, value in inputs.items()}}
-    arrays["provenance/episode_index"] = frames["episode_index"].numpy().astype(np.int64)
-    arrays["provenance/frame_index"] = frames["frame_index"].numpy().astype(np.int64)
-    arrays["provenance/task"] = np.array(frames["task"], dtype=object)
-    assert set(PROVENANCE) <= set(arrays)
-    for block, (start, stop) in enumerate(writer.blocks):
-        writer.write_block(block, {path: values[start:stop] for path, values in arrays.items()})
-    writer.finalize()
+    extract_anchors(cfg, str(store_url))
     return str(store_url)
 
 
