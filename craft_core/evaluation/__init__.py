@@ -128,7 +128,7 @@ def evaluate(
 ) -> dict:
     """Evaluate every run; writes out_dir/report.json, report.md and videos/; returns the report."""
     from craft_core.evaluation.drift import open_heldout
-    from craft_core.policy_io import policy_loading_context
+    from craft_core.policy_io import policy_loading_context, policy_type_of
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -142,6 +142,9 @@ def evaluate(
         raise ValueError(f"eval.sim lists the same env/task twice ({keys}); give each entry its own task")
     sources = {name: run_source(name, path, teacher) for name, path in runs.items()}
     heldout = open_heldout(store_url) if cfg.drift and store_url else None
+    if heldout is not None:
+        for name, source in sources.items():
+            heldout.check_policy_type(policy_type_of(source), name)
     device = resolve_device(cfg.device)
 
     report: dict = {
@@ -177,6 +180,7 @@ def evaluate(
                 "n_parameters": sum(p.numel() for p in policy.parameters()),
                 "load_s": time.perf_counter() - loaded_at,
             }
+            anchors = heldout.for_policy(policy) if heldout is not None else None
             for sim, key in zip(cfg.sim, keys, strict=True):
                 videos_dir = out_dir / "videos" / name / key.replace("/", "_")
                 sim_started = time.perf_counter()
@@ -191,12 +195,12 @@ def evaluate(
                     progress(done, total, {"run": name, "env": key, "success_rate": result["success_rate"]})
             if heldout is not None:
                 drift_started = time.perf_counter()
-                report["drift"][name] = heldout.drift(policy, cfg.drift_batch_size)
+                report["drift"][name] = heldout.drift(policy, anchors, cfg.drift_batch_size)
                 drift_seconds += time.perf_counter() - drift_started
                 done += 1
                 if progress:
                     progress(done, total, {"run": name, "drift_mse": report["drift"][name]["mse"]})
-            del policy, preprocessor, postprocessor
+            del policy, preprocessor, postprocessor, anchors
             gc.collect()
 
     for name, result in (train_results or {}).items():

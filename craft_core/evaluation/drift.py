@@ -120,14 +120,27 @@ class HeldoutAnchors:
         # How extraction computed the teacher vectors ({"device_type", "autocast"}); older stores lack it.
         self.compute = dict(store.attrs.get("compute") or {})
 
-    def drift(self, policy, batch_size: int) -> dict:
-        """Drift of ``policy`` on every held-out anchor (store checked against the policy first)."""
+    def check_policy_type(self, policy_type: str, run: str) -> None:
+        """Refuse a run whose policy type differs from the store's teacher (config.json alone tells)."""
+        teacher_type = (self.info.get("teacher") or {}).get("policy_type")
+        if teacher_type not in (None, policy_type):
+            raise ValueError(
+                f"run {run!r} is a {policy_type} policy but anchor store {self.url} holds hidden states of a "
+                f"{teacher_type} teacher: drift compares a policy with its own teacher. Evaluate drift "
+                f"against a store made from this run's base model, or set eval.drift=false."
+            )
+
+    def for_policy(self, policy):
+        """The held-out anchors as the policy will read them; fails now if they do not fit it."""
         from craft_core.adapters import get_adapter
         from craft_core.store import AnchorDataset
 
         # Checks policy type, depth, hidden size and prefix input spec against the store's teacher;
         # values were validated when the store was opened.
-        dataset = AnchorDataset(self.url, split="heldout", validate=False, student_adapter=get_adapter(policy))
+        return AnchorDataset(self.url, split="heldout", validate=False, student_adapter=get_adapter(policy))
+
+    def drift(self, policy, dataset, batch_size: int) -> dict:
+        """Drift of ``policy`` on every held-out anchor of ``dataset`` (from :meth:`for_policy`)."""
         batches = (
             (batch["inputs"], batch["teacher_hidden"]) for batch in dataset.loader(batch_size, shuffle=False)
         )

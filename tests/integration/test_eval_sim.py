@@ -169,3 +169,22 @@ def test_aloha_one_short_episode_report(aloha_teacher, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["sim"] == report["sim"]
     assert "aloha success %" in (tmp_path / "report.md").read_text()
     print(f"aloha: {sim['s_per_episode']:.2f} s per {ALOHA_STEPS}-step episode")
+
+
+def test_store_of_another_policy_type_is_refused_before_any_rollout(pusht_runs, tmp_path):
+    from craft_core.evaluation import evaluate
+
+    other = tmp_path / "smolvla_run"
+    shutil.copytree(pusht_runs["teacher"], other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "type": "smolvla"}))
+    cfg = EvalConfig(sim=[SimEvalConfig(env="pusht", max_episode_steps=2)], drift=True, device="cpu")
+    with pytest.raises(ValueError, match=r"run 'other' is a smolvla policy but anchor store .* pi0_fast teacher"):
+        evaluate(
+            cfg,
+            runs={"teacher": str(pusht_runs["teacher"]), "other": str(other)},
+            teacher=None,
+            store_url=pusht_runs["store"]["store_url"],
+            out_dir=tmp_path / "eval",
+        )
+    assert not (tmp_path / "eval").exists()
