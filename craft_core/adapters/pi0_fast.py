@@ -150,6 +150,29 @@ class Pi0FastAdapter(PolicyAdapter):
             "action_token_mask": batch[ACTION_TOKEN_MASK].bool().cpu(),
         }
 
+    @torch.no_grad()
+    def teacher_action_token_labels(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The teacher's own greedy FAST tokens on stored prefix inputs, laid out like the labels
+        lerobot's ActionTokenizerProcessorStep makes (``<bos>`` first), valid up to and including the
+        first end-of-action ``|``; CPU tensors matching ``label_spec``."""
+        images, image_masks, tokens, masks = self.model_inputs(inputs)
+        tokenizer = self.policy._paligemma_tokenizer
+        length = int(self.policy.config.max_action_tokens)
+        generated = self.policy.model.sample_actions_fast_kv_cache(
+            images, image_masks, tokens, masks, max_decoding_steps=length - 1, temperature=0.0
+        )
+        bos = torch.full((generated.shape[0], 1), tokenizer.bos_token_id, dtype=generated.dtype, device=generated.device)
+        labels = torch.cat([bos, generated], dim=1)
+        is_end = labels == tokenizer.convert_tokens_to_ids("|")
+        is_end[:, 0] = False
+        # Valid through the first "|" (greedy decoding stops there and zero-fills the rest).
+        after_end = (torch.cumsum(is_end.long(), dim=1) - is_end.long()) > 0
+        valid = ~after_end
+        return {
+            "action_tokens": torch.where(valid, labels, torch.zeros_like(labels)).to(torch.int32).cpu(),
+            "action_token_mask": valid.cpu(),
+        }
+
     def token_level_loss(self, inputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
         """The policy's own FAST cross-entropy on stored prefix inputs and stored action-token labels."""
         images, image_masks, tokens, masks = self.model_inputs(inputs)

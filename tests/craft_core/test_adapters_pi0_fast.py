@@ -176,3 +176,21 @@ def test_layers_outside_the_backbone_are_rejected(setup):
     _, adapter, _, inputs, _ = setup
     with pytest.raises(ValueError, match="outside the backbone"):
         adapter.prefix_hidden_states(inputs, [adapter.depth + 1])
+
+
+def test_teacher_greedy_labels_minimise_the_teachers_own_token_loss(setup):
+    policy, adapter, _, inputs, _ = setup
+    labels = adapter.teacher_action_token_labels(inputs)
+    for name, array_spec in adapter.label_spec().items():
+        assert tuple(labels[name].shape[1:]) == array_spec.shape
+    mask = labels["action_token_mask"]
+    assert mask[:, :2].all()  # <bos> and at least one generated token
+    # Greedy tokens are the argmax of the teacher-forced logits at every position: any other
+    # tokens under the same mask cost the teacher more.
+    other = dict(labels, action_tokens=labels["action_tokens"].clone())
+    vocab = policy.model.paligemma_with_expert.paligemma.config.text_config.vocab_size
+    other["action_tokens"][:, 1:] = (other["action_tokens"][:, 1:] + 1) % vocab
+    with torch.no_grad():
+        own = adapter.token_level_loss(inputs, labels)
+        worse = adapter.token_level_loss(inputs, other)
+    assert own < worse
