@@ -16,7 +16,11 @@ today they are:
   ``lerobot.policies.pi0_fast.modeling_pi0_fast`` (looked up when ``PI0FastPaliGemma`` is built)
   is replaced by a factory that shrinks the ``PaliGemmaConfig`` to ``spec["sizes"]`` and then
   calls the real class.
-- ``craft_core.tiny.pi0`` / ``craft_core.tiny.pi05``: see those modules.
+- ``craft_core.tiny.pi0`` / ``craft_core.tiny.pi05``: in ``lerobot.policies.pi0.modeling_pi0``
+  (``modeling_pi05``) the names ``get_gemma_config``, ``PaliGemmaForConditionalGenerationWithPiGemma``
+  and ``PiGemmaForCausalLM``, plus (for a spec of that type only) a hub-cache redirection so the
+  processors' hard-coded ``google/paligemma-3b-pt-224`` tokenizer resolves to a small local one.
+- ``craft_core.tiny.smolvla``: none (a local ``vlm_model_name`` folder suffices).
 
 ``spec`` is the content of a tiny folder's ``craft_tiny.json`` (``policy_type``, ``sizes``, ...).
 Every module's patch is entered whatever ``spec["policy_type"]`` is; a patch only acts when the

@@ -52,7 +52,7 @@ def write_text_tokenizer(
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    tokenizer.train_from_iterator(corpus * 4, trainer=trainer)
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
 
     vocab = tokenizer.get_vocab()
     if len(vocab) > vocab_size:
