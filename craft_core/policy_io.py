@@ -46,6 +46,7 @@ self-contained copy ``craft_tiny.json`` (``craft_core.tiny.copy_tiny_marker``) a
 """
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -117,8 +118,9 @@ def _read_config_json(source: PolicySource) -> dict:
         return json.loads(Path(hf_hub_download(source.path, CONFIG_NAME, revision=source.revision)).read_text())
     except Exception as exc:  # offline, missing repo, missing file: all mean "cannot read its config"
         raise PolicyLoadError(
-            f"cannot read {CONFIG_NAME} of hub policy {source.path!r} (revision {source.revision!r}): {exc}. "
-            "Offline (HF_HUB_OFFLINE=1) only local folders and cached repos work."
+            f"{source.path!r} is not a local folder and its {CONFIG_NAME} cannot be read from the hub "
+            f"(revision {source.revision!r}): {exc}. Offline (HF_HUB_OFFLINE=1) only local folders and "
+            "cached repos work."
         ) from exc
 
 
@@ -278,8 +280,10 @@ def _check_weights_loaded(policy: torch.nn.Module, folder: Path) -> None:
         raise PolicyLoadError(f"policy folder {folder} has no model.safetensors; it holds no trained weights")
     state = policy.state_dict()
     with safe_open(str(weights), framework="pt") as stored:
-        # Weight matrices only: norms initialise to constants and would match even when nothing loaded.
-        matrices = [key for key in stored.keys() if len(stored.get_slice(key).get_shape()) >= 2]
+        # Weight matrices only (norms initialise to constants and would match even when nothing
+        # loaded), a few small ones spread over the model so a multi-GB checkpoint costs nothing.
+        shapes = {key: stored.get_slice(key).get_shape() for key in stored.keys()}
+        matrices = [key for key, shape in shapes.items() if len(shape) >= 2 and math.prod(shape) <= 2**22]
         for key in matrices[:: max(1, len(matrices) // 4)]:
             ours = state.get(key, state.get(f"model.{key}"))
             if ours is None:
