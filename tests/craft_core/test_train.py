@@ -280,3 +280,67 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_
     assert all(torch.isfinite(w).all() for w in weights.values())
     state = json.loads((checkpoints / "last" / "training_state" / "craft_state.json").read_text())
     assert state["skipped_nonfinite"] == 0 and state["step"] == 2
+
+
+# ------------------------------------------------------------------------------------ token level
+
+
+def make_token_level_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Path, *, n_anchors: int = 8) -> str:
+    """A token_level store through the store's writer: stored prefix inputs + the teacher's greedy FAST tokens."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+    from craft_core.adapters import get_adapter
+    from craft_core.policy_io import load_policy, make_processors
+    from craft_core.store import AnchorStoreWriter, StoreLayout
+
+    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    teacher = load_policy(PolicySource(path=str(teacher_dir)), ds_meta=meta, device="cpu")
+    preprocessor, _ = make_processors(teacher, pretrained_path=str(teacher_dir))
+    dataset = LeRobotDataset(repo_id, root=root, video_backend="pyav")
+    adapter = get_adapter(teacher)
+    frames = torch.utils.data.default_collate([dataset[i] for i in range(n_anchors)])
+    inputs = adapter.anchor_inputs(preprocessor(frames))
+    labels = adapter.teacher_action_token_labels(inputs)
+    layout = StoreLayout(
+        kind="token_level", n_anchors=n_anchors, input_spec=adapter.input_spec(), labels_spec=adapter.label_spec(),
+        attrs={"teacher": {"policy_type": adapter.policy_type, "path": str(teacher_dir), "revision": None},
+               "depth": adapter.depth, "hidden_size": adapter.hidden_size, "fingerprint": "token-level-test"},
+    )
+    writer = AnchorStoreWriter(store_url, layout)
+    arrays = {**{f"inputs/{k}": v.numpy() for k, v in inputs.items()},
+              **{f"labels/{k}": v.numpy() for k, v in labels.items()},
+              "provenance/episode_index": frames["episode_index"].numpy().astype(np.int64),
+              "provenance/frame_index": frames["frame_index"].numpy().astype(np.int64),
+              "provenance/task": np.array(frames["task"], dtype=object),
+              "split/heldout": np.zeros(n_anchors, dtype=bool)}
+    for block, (start, stop) in enumerate(writer.blocks):
+        writer.write_block(block, {path: values[start:stop] for path, values in arrays.items()})
+    writer.finalize()
+    return str(store_url)
+
+
+def test_token_level_cache_uses_the_policys_own_loss_on_teacher_labels(tiny_pi0_fast, pusht_datasets, tmp_path):
+    from craft_core.adapters import get_adapter
+    from craft_core.policy_io import load_policy
+    from craft_core.train import Anchors, train
+
+    store = make_token_level_store(tiny_pi0_fast, *retained_dataset(pusht_datasets), tmp_path / "tokens.zarr")
+    repo_id, root = task_dataset(pusht_datasets)
+    cfg = train_config(repo_id, root, steps=2, save_every=10, retention={"every_k": 1})
+    result = train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=store, out_dir=tmp_path / "run")
+    assert result["cache_type"] == "token_level"
+    records = read_metrics(tmp_path / "run")
+    assert all(r["cache_type"] == "token_level" and r["retention_step"] for r in records)
+
+    # Step 1's retention loss is pi0_fast's own FAST cross-entropy of the (still untouched) student,
+    # i.e. of the teacher, on the first anchor batch's stored inputs and teacher tokens.
+    teacher = load_policy(PolicySource(path=str(tiny_pi0_fast)), device="cpu")
+    anchors = Anchors(store, kind="token_level", layers=[], pooling=[], batch_size=4, seed=cfg.seed, rank=0,
+                      world_size=1, shuffle_window_chunks=cfg.retention.shuffle_window_chunks)
+    inputs, labels = next(anchors.batches())
+    with torch.no_grad():
+        expected = get_adapter(teacher).token_level_loss(inputs, labels).item()
+    assert records[0]["retention_loss"] == pytest.approx(expected, rel=1e-5)
+    assert records[0]["retention_loss"] > 0
+    assert records[1]["lambda"] == pytest.approx(
+        min(max(records[0]["lambda"] + 0.5 * (records[1]["retention_loss"] - records[1]["epsilon"]), 0), 10))
