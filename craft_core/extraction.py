@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -257,31 +258,44 @@ def extract_anchors(
     pending: dict[str, list[np.ndarray]] = {}
     blocks_left = iter(todo)
     block = next(blocks_left, None)
+    in_flight: tuple[Future, int, int] | None = None  # (write, block, anchors) being written
+
+    def wait_for_write() -> None:
+        nonlocal done
+        future, written_block, n = in_flight
+        future.result()  # re-raises a failed write here
+        done += n
+        bar.update(n)
+        if progress is not None:
+            rate = (done - resumed_at) / max(time.perf_counter() - started, 1e-9)
+            progress(done, total, {"block": written_block, "anchors_per_s": rate})
+
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with torch.inference_mode(), amp:
-        for batch in loader:
-            inputs = adapter.anchor_inputs(preprocessor(batch))
-            pooled = adapter.pooled(inputs, layers, cfg.pooling)  # from the stored (quantised) inputs
-            outputs = {f"inputs/{name}": value.numpy() for name, value in inputs.items()}
-            outputs["teacher_hidden"] = pooled.float().cpu().numpy().astype(cfg.dtype)
-            outputs["provenance/task"] = np.asarray(batch["task"], dtype=str)
-            for name, value in outputs.items():
-                pending.setdefault(name, []).append(value)
-            start, stop = writer.blocks[block]
-            if sum(len(part) for part in pending["teacher_hidden"]) < stop - start:
-                continue
-            arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
-            arrays["provenance/episode_index"] = selection.episode_index[start:stop]
-            arrays["provenance/frame_index"] = selection.frame_index[start:stop]
-            arrays["split/heldout"] = split[start:stop]
-            writer.write_block(block, arrays)
-            pending = {}
-            done += stop - start
-            bar.update(stop - start)
-            if progress is not None:
-                rate = (done - resumed_at) / max(time.perf_counter() - started, 1e-9)
-                progress(done, total, {"block": block, "anchors_per_s": rate})
-            block = next(blocks_left, None)
+    # One writer thread: block b is compressed and written while block b+1 is computed.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchor-store-writer") as io:
+        with torch.inference_mode(), amp:
+            for batch in loader:
+                inputs = adapter.anchor_inputs(preprocessor(batch))
+                pooled = adapter.pooled(inputs, layers, cfg.pooling)  # from the stored (quantised) inputs
+                outputs = {f"inputs/{name}": value.numpy() for name, value in inputs.items()}
+                outputs["teacher_hidden"] = pooled.float().cpu().numpy().astype(cfg.dtype)
+                outputs["provenance/task"] = np.asarray(batch["task"], dtype=str)
+                for name, value in outputs.items():
+                    pending.setdefault(name, []).append(value)
+                start, stop = writer.blocks[block]
+                if sum(len(part) for part in pending["teacher_hidden"]) < stop - start:
+                    continue
+                arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
+                arrays["provenance/episode_index"] = selection.episode_index[start:stop]
+                arrays["provenance/frame_index"] = selection.frame_index[start:stop]
+                arrays["split/heldout"] = split[start:stop]
+                if in_flight is not None:
+                    wait_for_write()
+                in_flight = (io.submit(writer.write_block, block, arrays), block, stop - start)
+                pending = {}
+                block = next(blocks_left, None)
+        if in_flight is not None:
+            wait_for_write()
     bar.close()
     if shard is not None:
         return {"store_url": str(store_url), "shard": list(shard), "blocks_written": len(todo), "complete": False}
