@@ -78,6 +78,11 @@ class CacheConfig(StrictModel):
 
     teacher: PolicySource
     dataset: DatasetSource
+    kind: Literal["hidden_state", "token_level"] = Field(
+        default="hidden_state",
+        description="hidden_state: pooled hidden states (hidden-state anchoring); token_level: the teacher's "
+        "greedy action tokens (token-level distillation, policies whose adapter can decode them)",
+    )
     n_anchors: int = Field(default=256, ge=1)
     seed: int = 0
     frame_stride: int = Field(default=1, ge=1)
