@@ -6,6 +6,8 @@
 
 The teacher's vectors are computed from the *stored* inputs (images already quantised to uint8),
 not from the float batch, so a student that is a copy of the teacher reproduces them exactly.
+With ``cache.kind="token_level"`` the targets are instead the teacher's own greedy action tokens
+on those inputs (``labels/<name>``, as the adapter's ``label_spec`` lays them out).
 
 Anchors are chosen deterministically from (seed, n_anchors, episodes, frame_stride) and stored in
 that seeded random order; batches never cross a block boundary, so a block's values do not depend
@@ -210,12 +212,19 @@ def extract_anchors(
 
     teacher = teacher_identity(cfg, policy)
     data_id = dataset_identity(cfg, dataset)
+    token_level = cfg.kind == "token_level"
+    if token_level and not hasattr(adapter, "teacher_action_token_labels"):
+        raise ValueError(
+            f"cache.kind='token_level' needs the teacher's own action tokens, which craft can decode for "
+            f"pi0_fast only, not for {adapter.policy_type}; use cache.kind='hidden_state'"
+        )
     layout = StoreLayout(
-        kind="hidden_state",
+        kind=cfg.kind,
         n_anchors=cfg.n_anchors,
         input_spec=adapter.input_spec(),
-        teacher_shape=(len(layers), len(cfg.pooling), adapter.hidden_size),
+        teacher_shape=None if token_level else (len(layers), len(cfg.pooling), adapter.hidden_size),
         teacher_dtype=cfg.dtype,
+        labels_spec=adapter.label_spec() if token_level else None,
         chunk_anchors=cfg.chunk_anchors,
         shard_chunks=cfg.shard_chunks,
     )
@@ -276,14 +285,19 @@ def extract_anchors(
         with torch.inference_mode(), amp:
             for batch in loader:
                 inputs = adapter.anchor_inputs(preprocessor(batch))
-                pooled = adapter.pooled(inputs, layers, cfg.pooling)  # from the stored (quantised) inputs
                 outputs = {f"inputs/{name}": value.numpy() for name, value in inputs.items()}
-                outputs["teacher_hidden"] = pooled.float().cpu().numpy().astype(cfg.dtype)
+                # Targets come from the stored (quantised) inputs, which is what a student will see.
+                if token_level:
+                    labels = adapter.teacher_action_token_labels(inputs)
+                    outputs.update({f"labels/{name}": value.numpy() for name, value in labels.items()})
+                else:
+                    pooled = adapter.pooled(inputs, layers, cfg.pooling)
+                    outputs["teacher_hidden"] = pooled.float().cpu().numpy().astype(cfg.dtype)
                 outputs["provenance/task"] = np.asarray(batch["task"], dtype=str)
                 for name, value in outputs.items():
                     pending.setdefault(name, []).append(value)
                 start, stop = writer.blocks[block]
-                if sum(len(part) for part in pending["teacher_hidden"]) < stop - start:
+                if sum(len(part) for part in pending["provenance/task"]) < stop - start:
                     continue
                 arrays = {name: np.concatenate(parts) for name, parts in pending.items()}
                 arrays["provenance/episode_index"] = selection.episode_index[start:stop]

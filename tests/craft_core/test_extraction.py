@@ -182,3 +182,26 @@ def test_another_config_on_an_existing_store_is_refused(cache_cfg, reference_sto
     before = read_all(reference_store)
     assert extract_anchors(cache_cfg.model_copy(update={"batch_size": 1}), reference_store)["n_anchors"] == 12
     np.testing.assert_array_equal(read_all(reference_store)["teacher_hidden"], before["teacher_hidden"])
+
+
+def test_token_level_cache_holds_the_teachers_own_tokens(cache_cfg, tmp_path):
+    from craft_core.adapters import get_adapter
+    from craft_core.extraction import extract_anchors
+    from craft_core.policy_io import load_policy
+    from craft_core.store import AnchorDataset
+
+    cfg = cache_cfg.model_copy(update={"kind": "token_level", "n_anchors": 4, "chunk_anchors": 4, "batch_size": 4,
+                                       "heldout_fraction": 0.0})
+    url = str(tmp_path / "tokens.zarr")
+    info = extract_anchors(cfg, url)
+    assert info["kind"] == "token_level" and set(info["labels_spec"]) == {"action_tokens", "action_token_mask"}
+    with pytest.raises(AnchorStoreError, match="token_level cache but the requested retention mode needs a hidden_state"):
+        open_anchor_store(url, expect_kind="hidden_state")
+
+    adapter = get_adapter(load_policy(cfg.teacher, device="cpu"))
+    batch = torch.utils.data.default_collate(AnchorDataset(url, split="all", student_adapter=adapter).__getitems__([0, 1, 2, 3]))
+    with torch.no_grad():
+        again = adapter.teacher_action_token_labels(batch["inputs"])
+    assert torch.equal(batch["labels"]["action_tokens"], again["action_tokens"])
+    assert torch.equal(batch["labels"]["action_token_mask"], again["action_token_mask"])
+    assert batch["labels"]["action_token_mask"].any()
