@@ -2,7 +2,8 @@
 
 The same tiny real pi0_fast policy (built offline), the same pusht task data in the same order and
 the same anchor store (made by the cache stage) are trained with ``craft_core.train.train`` three
-ways, interleaved over several rounds in this one process so machine load hits all of them alike.
+ways, interleaved over several rounds in this one process so machine load hits all of them alike
+(the order rotates per round; per-round ratios to the baseline are reported too).
 The step time is the loop's own ``step_time_s`` (data, forward, backward, surgery, optimizer step)
 from metrics.jsonl, the first step of each run left out (iterator start-up).
 
@@ -10,7 +11,7 @@ Last stdout line: one JSON object with ``baseline_step_s``, ``craft_step_s_k1``,
 ``craft_step_s_k5`` (mean seconds per step) and their ratios to the baseline.
 Expected: k5 <= 1.15 x baseline (a retention step every 5th step), k1 <= 1.9 x baseline.
 
-    .venv/bin/python benchmarks/bench_step.py [--rounds 3] [--steps 21]
+    .venv/bin/python benchmarks/bench_step.py [--rounds 6] [--steps 11]
 """
 
 import argparse
@@ -58,8 +59,8 @@ def timed_steps(metrics_path: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=21, help="steps per run; 21 = 20 timed, 4 of them retention at K=5")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=11, help="steps per run; 11 = 10 timed, 2 of them retention at K=5")
     parser.add_argument("--batch-size", type=int, default=4)
     args = parser.parse_args()
 
@@ -69,14 +70,20 @@ def main() -> None:
     from craft_core.train import train
 
     torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
     variants = {"baseline_step_s": None, "craft_step_s_k1": 1, "craft_step_s_k5": 5}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         work = Path(tmp)
         assets = build_assets(work)
         task = assets["task"]
         samples: dict[str, list[dict]] = {name: [] for name in variants}
+        round_means: list[dict[str, float]] = []
+        names = list(variants)
         for round_index in range(args.rounds):
-            for name, every_k in variants.items():
+            round_means.append({})
+            # Rotate the order each round so no variant always runs first (warm caches, load drift).
+            for name in names[round_index % 3:] + names[:round_index % 3]:
+                every_k = variants[name]
                 cfg = TrainConfig(
                     dataset=DatasetSource(repo_id=task["repo_id"], root=str(task["root"])),
                     steps=args.steps, batch_size=args.batch_size, lr=1e-4, device="cpu", seed=0,
@@ -86,7 +93,9 @@ def main() -> None:
                 out_dir = work / f"run_{round_index}_{name}"
                 train(cfg, teacher=PolicySource(path=str(assets["teacher"])),
                       store_url=assets["store"] if every_k else None, out_dir=out_dir, retention=every_k is not None)
-                samples[name] += timed_steps(out_dir / "metrics.jsonl")
+                records = timed_steps(out_dir / "metrics.jsonl")
+                samples[name] += records
+                round_means[-1][name] = statistics.fmean(r["step_time_s"] for r in records)
 
     result = {name: statistics.fmean(r["step_time_s"] for r in records) for name, records in samples.items()}
     # Where the time goes: plain task steps vs retention steps, and medians (robust to load spikes).
@@ -98,12 +107,19 @@ def main() -> None:
                 breakdown[f"{name}_{label}_mean"] = statistics.fmean(times)
         breakdown[f"{name}_median"] = statistics.median(r["step_time_s"] for r in records)
     baseline = result["baseline_step_s"]
+    # Paired per round (same minutes of machine load): robust to load drift between rounds.
+    paired = {
+        f"paired_ratio_{k}_median": statistics.median(m[f"craft_step_s_{k}"] / m["baseline_step_s"] for m in round_means)
+        for k in ("k1", "k5")
+    }
     result.update(
         ratio_k1=result["craft_step_s_k1"] / baseline,
         ratio_k5=result["craft_step_s_k5"] / baseline,
         k5_within_1_15=result["craft_step_s_k5"] <= 1.15 * baseline,
         k1_within_1_9=result["craft_step_s_k1"] <= 1.9 * baseline,
+        **paired,
         **breakdown,
+        load_average_1min_start=load_start, load_average_1min_end=os.getloadavg()[0],
         policy="pi0_fast (tiny)", batch_size=args.batch_size, anchor_batch_size=args.batch_size,
         timed_steps_per_variant=len(samples["baseline_step_s"]), rounds=args.rounds, torch_threads=1,
     )

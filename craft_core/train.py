@@ -237,7 +237,7 @@ def train(
     from lerobot.common.train_utils import get_step_checkpoint_dir, should_save_checkpoint
     from lerobot.datasets import EpisodeAwareSampler, compute_sampler_state
     from lerobot.datasets.factory import resolve_delta_timestamps
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
     from lerobot.optim.factory import make_optimizer_and_scheduler
     from lerobot.utils.random_utils import set_seed
     from lerobot.utils.utils import cycle, has_method
@@ -264,8 +264,6 @@ def train(
     set_seed(cfg.seed, accelerator=accelerator)
 
     # The student: the teacher's weights, or the last checkpoint's when resuming.
-    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
-
     ds = cfg.dataset
     ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
     source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
@@ -428,7 +426,10 @@ def train(
                         optimizer=optimizer, scheduler=lr_scheduler,
                         craft_state={"step": step, "lambda": lam.state_dict(), "epsilon": epsilon.state_dict(),
                                      "skipped_nonfinite": skipped_nonfinite, "anchor_batches": anchor_batches_done,
-                                     "cache_type": cache_type},
+                                     "cache_type": cache_type,
+                                     # Informational: resume recomputes it from (step, batch size, world size).
+                                     "task_data_position": compute_sampler_state(
+                                         step, len(sampler), cfg.batch_size, accelerator.num_processes)},
                         run=run, num_processes=accelerator.num_processes, batch_size=cfg.batch_size,
                         policy_source_dir=Path(source.path) if Path(source.path).is_dir() else None,
                     )
@@ -439,6 +440,12 @@ def train(
         if metrics is not None:
             metrics.close()
 
+    if not math.isfinite(last_task_loss) and metrics_path.exists():
+        # Resumed an already finished run: report the loss it logged.
+        from craft_core.metrics import read_metrics
+
+        logged = [r["task_loss"] for r in read_metrics(metrics_path) if isinstance(r.get("task_loss"), float)]
+        last_task_loss = logged[-1] if logged else last_task_loss
     plot_path = out_dir / "training_plot.png"
     result = {
         "checkpoint": str(pretrained_model_dir(last_checkpoint_dir)),
