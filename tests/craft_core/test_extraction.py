@@ -154,10 +154,11 @@ def test_selection_by_episode_stride_and_user_prompts(cache_cfg, tmp_path):
     from craft_core.extraction import extract_anchors
 
     prompts = ["pick up the cube", "open the drawer", "stack the blocks"]
+    # num_workers=1: frames are read in a DataLoader worker process here.
     cfg = cache_cfg.model_copy(update={
         "dataset": cache_cfg.dataset.model_copy(update={"episodes": [1]}),
         "frame_stride": 2, "n_anchors": 4, "prompts": prompts, "chunk_anchors": 4, "batch_size": 4,
-        "heldout_fraction": 0.0, "dtype": "float16",
+        "heldout_fraction": 0.0, "dtype": "float16", "num_workers": 1,
     })
     url = str(tmp_path / "anchors.zarr")
     info = extract_anchors(cfg, url)
