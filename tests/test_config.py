@@ -6,11 +6,12 @@ from pydantic import ValidationError
 
 from craft_core.config import PRESETS_DIR, PipelineConfig, load_config, load_preset
 
-PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+# The pipeline presets (configs/ may also hold other tools' YAML, e.g. experiment grids).
+PRESETS = ["demo", "smoke", "pi0fast_libero", "pi0fast_aloha"]
 
 
 def test_required_presets_exist():
-    assert {"demo", "smoke", "pi0fast_libero", "pi0fast_aloha"} <= set(PRESETS)
+    assert set(PRESETS) <= {p.stem for p in PRESETS_DIR.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("name", PRESETS)
