@@ -79,7 +79,9 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
     train_cfg = resolve_assets(config.train, assets_dir)
     eval_cfg = resolve_assets(config.eval, assets_dir)
     teacher = cache_cfg.teacher
-    upstream_of = lambda stage: {name: refs[name] for name in plans[stage].upstream}  # noqa: E731
+
+    def upstream_of(stage: str) -> dict[str, StageRef]:
+        return {name: refs[name] for name in plans[stage].upstream}
 
     run("cache", cache_task, cfg=cache_cfg, upstream=upstream_of("cache"), isolate=_isolate(config, cache_cfg.device))
     train_isolate = _isolate(config, train_cfg.device)
