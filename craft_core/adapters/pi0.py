@@ -31,83 +31,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from craft_core.adapters.base import ArraySpec, PolicyAdapter, PrefixHiddenStates, register_adapter
-
-LANGUAGE_TOKENS = "observation.language.tokens"  # lerobot.utils.constants.OBS_LANGUAGE_TOKENS
-LANGUAGE_MASK = "observation.language.attention_mask"  # ...OBS_LANGUAGE_ATTENTION_MASK
+from craft_core.adapters._camera_prompt import PaliGemmaCameraPromptAdapter
+from craft_core.adapters.base import PrefixHiddenStates, register_adapter
 
 
 @register_adapter
-class PI0Adapter(PolicyAdapter):
+class PI0Adapter(PaliGemmaCameraPromptAdapter):
     policy_type = "pi0"
-
-    @property
-    def _language_model(self):
-        return self.policy.model.paligemma_with_expert.paligemma.model.language_model
-
-    @property
-    def depth(self) -> int:
-        return int(self._language_model.config.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._language_model.config.hidden_size)
-
-    def input_spec(self) -> dict[str, ArraySpec]:
-        config = self.policy.config
-        n_cameras = len(config.image_features)
-        height, width = config.image_resolution
-        n_tokens = int(config.tokenizer_max_length)
-        return {
-            "images": ArraySpec((n_cameras, 3, int(height), int(width)), "uint8"),
-            "image_masks": ArraySpec((n_cameras,), "bool"),
-            "lang_tokens": ArraySpec((n_tokens,), "int32"),
-            "lang_masks": ArraySpec((n_tokens,), "bool"),
-        }
-
-    @torch.no_grad()
-    def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
-        for key in (LANGUAGE_TOKENS, LANGUAGE_MASK):
-            if key not in batch:
-                raise KeyError(
-                    f"{self.policy_type} adapter: batch has no {key!r}; pass the output of the policy's "
-                    f"preprocessor (it tokenises the task), got keys {sorted(batch)}"
-                )
-        images, image_masks = self.policy._preprocess_images(batch)
-        pixels = torch.stack(images, dim=1)  # [B, n_cameras, 3, H, W] in [-1, 1]
-        inputs = {
-            "images": ((pixels + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu(),
-            "image_masks": torch.stack(image_masks, dim=1).to(torch.bool).cpu(),
-            "lang_tokens": batch[LANGUAGE_TOKENS].to(torch.int32).cpu(),
-            "lang_masks": batch[LANGUAGE_MASK].to(torch.bool).cpu(),
-        }
-        self._check_inputs(inputs)
-        return inputs
-
-    def _check_inputs(self, inputs: dict[str, Tensor]) -> None:
-        for name, spec in self.input_spec().items():
-            if name not in inputs:
-                raise KeyError(f"{self.policy_type} adapter: inputs lack {name!r}; expected {sorted(self.input_spec())}")
-            value = inputs[name]
-            if tuple(value.shape[1:]) != spec.shape or str(value.dtype).removeprefix("torch.") != spec.dtype:
-                raise ValueError(
-                    f"{self.policy_type} adapter: input {name!r} is {str(value.dtype)}{list(value.shape)} but this "
-                    f"policy needs {spec.dtype}[B, {', '.join(map(str, spec.shape))}] (image_resolution, cameras "
-                    "and tokenizer_max_length of the policy config); were the inputs made for another policy?"
-                )
-
-    def model_inputs(self, inputs: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-        """Stored arrays -> (images, img_masks, lang_tokens, lang_masks) as ``embed_prefix`` takes them."""
-        self._check_inputs(inputs)
-        device = self.device
-        pixels = inputs["images"].to(device)
-        # Positional stand-in keys: _preprocess_images only converts, the stored masks say which are real.
-        as_batch = {key: pixels[:, i].to(torch.float32) / 255.0 for i, key in enumerate(self.policy.config.image_features)}
-        images, _ = self.policy._preprocess_images(as_batch)
-        image_masks = list(inputs["image_masks"].to(device).unbind(dim=1))
-        tokens = inputs["lang_tokens"].to(device=device, dtype=torch.long)
-        masks = inputs["lang_masks"].to(device=device, dtype=torch.bool)
-        return images, image_masks, tokens, masks
 
     def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:
         from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d

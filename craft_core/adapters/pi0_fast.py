@@ -22,89 +22,16 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from craft_core.adapters.base import ArraySpec, PolicyAdapter, PrefixHiddenStates, register_adapter
+from craft_core.adapters._camera_prompt import PaliGemmaCameraPromptAdapter
+from craft_core.adapters.base import ArraySpec, PrefixHiddenStates, register_adapter
 
-OBS_LANGUAGE_TOKENS = "observation.language.tokens"
-OBS_LANGUAGE_ATTENTION_MASK = "observation.language.attention_mask"
 ACTION_TOKENS = "action.tokens"
 ACTION_TOKEN_MASK = "action.token_mask"
 
 
-def quantise_unit_images(images: Tensor) -> Tensor:
-    """[0, 1] float images -> uint8 with rounding (what the anchor store keeps)."""
-    return torch.round(images.clamp(0.0, 1.0) * 255.0).to(torch.uint8)
-
-
 @register_adapter
-class Pi0FastAdapter(PolicyAdapter):
+class Pi0FastAdapter(PaliGemmaCameraPromptAdapter):
     policy_type = "pi0_fast"
-
-    # -- backbone ------------------------------------------------------------------------------
-    @property
-    def _language_model(self):
-        return self.policy.model.paligemma_with_expert.paligemma.model.language_model
-
-    @property
-    def depth(self) -> int:
-        return int(self._language_model.config.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self._language_model.config.hidden_size)
-
-    # -- stored inputs -------------------------------------------------------------------------
-    @property
-    def _camera_keys(self) -> list[str]:
-        return list(self.policy.config.image_features)
-
-    def input_spec(self) -> dict[str, ArraySpec]:
-        cfg = self.policy.config
-        height, width = (int(s) for s in cfg.image_resolution)
-        n_cameras = len(self._camera_keys)
-        length = int(cfg.tokenizer_max_length)
-        return {
-            "images": ArraySpec((n_cameras, 3, height, width), "uint8"),
-            "image_masks": ArraySpec((n_cameras,), "bool"),
-            "lang_tokens": ArraySpec((length,), "int32"),
-            "lang_masks": ArraySpec((length,), "bool"),
-        }
-
-    @torch.no_grad()
-    def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
-        for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
-            if key not in batch:
-                raise KeyError(
-                    f"pi0_fast anchor inputs need {key!r} in the batch: pass the output of the policy's "
-                    "preprocessor (make_processors), not a raw dataset batch"
-                )
-        images, image_masks = self.policy._preprocess_images(batch)  # policy's own resize-with-pad, [-1, 1]
-        # Back to [0, 1] at model resolution; the policy's own scaling is x * 2 - 1.
-        images = torch.stack([quantise_unit_images((img + 1.0) / 2.0) for img in images], dim=1)
-        return {
-            "images": images.cpu(),
-            "image_masks": torch.stack(image_masks, dim=1).cpu(),
-            "lang_tokens": batch[OBS_LANGUAGE_TOKENS].to(torch.int32).cpu(),
-            "lang_masks": batch[OBS_LANGUAGE_ATTENTION_MASK].bool().cpu(),
-        }
-
-    def model_inputs(self, inputs: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor]:
-        """Stored arrays -> (images, img_masks, tokens, masks) as ``PI0FastPytorch`` takes them."""
-        missing = set(self.input_spec()) - set(inputs)
-        if missing:
-            raise KeyError(f"pi0_fast prefix inputs lack {sorted(missing)}; expected {sorted(self.input_spec())}")
-        device = self.device
-        stored = inputs["images"].to(device)
-        if stored.dtype != torch.uint8:
-            raise TypeError(f"pi0_fast stored 'images' must be uint8, got {stored.dtype}")
-        keys = self._camera_keys
-        if stored.shape[1] != len(keys):
-            raise ValueError(f"stored 'images' have {stored.shape[1]} cameras, the policy expects {len(keys)}: {keys}")
-        unit = {key: stored[:, i].to(torch.float32) / 255.0 for i, key in enumerate(keys)}
-        images, _ = self.policy._preprocess_images(unit)  # the policy's own [0, 1] -> [-1, 1]
-        image_masks = list(inputs["image_masks"].to(device).bool().unbind(dim=1))
-        tokens = inputs["lang_tokens"].to(device).long()
-        masks = inputs["lang_masks"].to(device).bool()
-        return images, image_masks, tokens, masks
 
     # -- hidden states -------------------------------------------------------------------------
     def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:

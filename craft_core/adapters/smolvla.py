@@ -28,12 +28,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from craft_core.adapters.base import ArraySpec, PolicyAdapter, PrefixHiddenStates, register_adapter
-from craft_core.adapters.pi0_fast import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, quantise_unit_images
+from craft_core.adapters._camera_prompt import CameraPromptAdapter
+from craft_core.adapters.base import ArraySpec, PrefixHiddenStates, register_adapter
 
 
 @register_adapter
-class SmolVLAAdapter(PolicyAdapter):
+class SmolVLAAdapter(CameraPromptAdapter):
     policy_type = "smolvla"
 
     # -- backbone ------------------------------------------------------------------------------
@@ -53,10 +53,9 @@ class SmolVLAAdapter(PolicyAdapter):
     def hidden_size(self) -> int:
         return int(self._vlm_with_expert.config.text_config.hidden_size)
 
-    # -- stored inputs -------------------------------------------------------------------------
-    @property
-    def _camera_keys(self) -> list[str]:
-        return list(self.policy.config.image_features)
+    # -- stored inputs (cameras and prompt: craft_core.adapters._camera_prompt) ----------------
+    def _prepare_images(self, batch: dict) -> tuple[list[Tensor], list[Tensor]]:
+        return self.policy.prepare_images(batch)
 
     def _image_hw(self) -> tuple[int, int]:
         cfg = self.policy.config
@@ -67,65 +66,19 @@ class SmolVLAAdapter(PolicyAdapter):
         return int(shape[-2]), int(shape[-1])
 
     def input_spec(self) -> dict[str, ArraySpec]:
-        cfg = self.policy.config
-        height, width = self._image_hw()
-        length = int(cfg.tokenizer_max_length)
-        return {
-            "images": ArraySpec((len(self._camera_keys), 3, height, width), "uint8"),
-            "image_masks": ArraySpec((len(self._camera_keys),), "bool"),
-            "lang_tokens": ArraySpec((length,), "int32"),
-            "lang_masks": ArraySpec((length,), "bool"),
-            "state": ArraySpec((int(cfg.max_state_dim),), "float32"),
-        }
+        return {**super().input_spec(), "state": ArraySpec((int(self.policy.config.max_state_dim),), "float32")}
 
     @torch.no_grad()
     def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
-        for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
-            if key not in batch:
-                raise KeyError(
-                    f"smolvla anchor inputs need {key!r} in the batch: pass the output of the policy's "
-                    "preprocessor (make_processors), not a raw dataset batch"
-                )
-        images, image_masks = self.policy.prepare_images(batch)  # policy's own resize-with-pad, [-1, 1]
-        if len(images) != len(self._camera_keys):
-            raise ValueError(
-                f"smolvla prepared {len(images)} camera images but the policy has {len(self._camera_keys)} image "
-                f"features {self._camera_keys}: every camera (or a configured empty camera) must be in the batch"
-            )
-        images = torch.stack([quantise_unit_images((img + 1.0) / 2.0) for img in images], dim=1)
-        tokens = batch[OBS_LANGUAGE_TOKENS]
-        masks = batch[OBS_LANGUAGE_ATTENTION_MASK].bool()
-        length = int(self.policy.config.tokenizer_max_length)
-        if tokens.shape[1] > length:
-            raise ValueError(f"language tokens are {tokens.shape[1]} long, more than tokenizer_max_length={length}")
-        pad = length - tokens.shape[1]
-        return {
-            "images": images.cpu(),
-            "image_masks": torch.stack(image_masks, dim=1).bool().cpu(),
-            "lang_tokens": torch.nn.functional.pad(tokens, (0, pad)).to(torch.int32).cpu(),
-            "lang_masks": torch.nn.functional.pad(masks, (0, pad)).cpu(),
-            "state": self.policy.prepare_state(batch).to(torch.float32).cpu(),
-        }
+        inputs = self._camera_prompt_inputs(batch)
+        inputs["state"] = self.policy.prepare_state(batch).to(torch.float32).cpu()
+        return inputs
 
     def model_inputs(self, inputs: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor, Tensor]:
         """Stored arrays -> (images, img_masks, lang_tokens, lang_masks, state) for ``embed_prefix``."""
-        missing = set(self.input_spec()) - set(inputs)
-        if missing:
-            raise KeyError(f"smolvla prefix inputs lack {sorted(missing)}; expected {sorted(self.input_spec())}")
-        device = self.device
-        stored = inputs["images"].to(device)
-        if stored.dtype != torch.uint8:
-            raise TypeError(f"smolvla stored 'images' must be uint8, got {stored.dtype}")
-        keys = self._camera_keys
-        if stored.shape[1] != len(keys):
-            raise ValueError(f"stored 'images' have {stored.shape[1]} cameras, the policy expects {len(keys)}: {keys}")
-        unit = {key: stored[:, i].to(torch.float32) / 255.0 for i, key in enumerate(keys)}
-        images, _ = self.policy.prepare_images(unit)  # the policy's own [0, 1] -> [-1, 1]
-        image_masks = list(inputs["image_masks"].to(device).bool().unbind(dim=1))
-        tokens = inputs["lang_tokens"].to(device).long()
-        masks = inputs["lang_masks"].to(device).bool()
+        images, image_masks, tokens, masks = self._camera_prompt_model_inputs(inputs)
         dtype = self.policy.model.state_proj.weight.dtype
-        state = inputs["state"].to(device=device, dtype=dtype)
+        state = inputs["state"].to(device=self.device, dtype=dtype)
         return images, image_masks, tokens, masks, state
 
     # -- hidden states -------------------------------------------------------------------------

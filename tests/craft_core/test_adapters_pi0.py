@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from craft_core.adapters import get_adapter
-from craft_core.adapters.pi0 import LANGUAGE_TOKENS
+from craft_core.adapters._camera_prompt import OBS_LANGUAGE_TOKENS as LANGUAGE_TOKENS
 from craft_core.pooling import POOLING_STRATEGIES
 from tests.fixtures.policies_pi0 import TINY_PI0_CAMERAS, TINY_PI0_FRAMES_PER_EPISODE
 
