@@ -19,7 +19,7 @@ import importlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -85,6 +85,45 @@ def build_tiny_policy(
 
 
 # --- helpers shared by the per-policy builders -------------------------------------------------
+
+
+def split_overrides(
+    overrides: Mapping[str, Any],
+    *,
+    default_sizes: Mapping[str, int],
+    default_config: Mapping[str, Any],
+    config_class: type,
+    policy_type: str,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """``build(**overrides)`` keywords -> (backbone sizes, config fields), each on top of its defaults.
+
+    A key of ``default_sizes`` is a size (made an int); a field of the lerobot ``config_class``
+    dataclass is a config field; anything else is a typo and raises.
+    """
+    sizes = dict(default_sizes)
+    config_fields = dict(default_config)
+    for key, value in overrides.items():
+        if key in sizes:
+            sizes[key] = int(value)
+        elif key in config_class.__dataclass_fields__:
+            config_fields[key] = value
+        else:
+            raise ValueError(
+                f"unknown tiny {policy_type} override {key!r}: use a size ({sorted(sizes)}) or a "
+                f"{config_class.__name__} field"
+            )
+    return sizes, config_fields
+
+
+def tiny_spec(policy_type: str, *, sizes: Mapping[str, int], seed: int, why_patched: str, tokenizers: dict) -> dict:
+    """The ``craft_tiny.json`` content that tells ``tiny_lerobot_models`` how to rebuild the model."""
+    return {
+        "policy_type": policy_type,
+        "sizes": dict(sizes),
+        "seed": seed,
+        "why_patched": why_patched,
+        "tokenizers": tokenizers,
+    }
 
 
 def instantiate_and_save(cfg, spec: dict, out_dir: Path, *, ds_meta, seed: int) -> Path:

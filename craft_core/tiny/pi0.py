@@ -41,7 +41,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator, Mapping, Sequence
 
-from craft_core.tiny.build import instantiate_and_save
+from craft_core.tiny.build import instantiate_and_save, split_overrides, tiny_spec
 from craft_core.tiny.patching import replaced_attribute, tiny_lerobot_models
 from craft_core.tiny.tokenizers import write_text_tokenizer
 
@@ -247,18 +247,13 @@ def patches(spec: Mapping[str, Any]) -> Iterator[None]:
 
 
 def _split_overrides(overrides: Mapping[str, Any], config_class: type, policy_type: str):
-    sizes = dict(DEFAULT_SIZES)
-    config_fields = dict(DEFAULT_CONFIG)
-    for key, value in overrides.items():
-        if key in sizes:
-            sizes[key] = int(value)
-        elif key in config_class.__dataclass_fields__:
-            config_fields[key] = value
-        else:
-            raise ValueError(
-                f"unknown tiny {policy_type} override {key!r}: use a size ({sorted(sizes)}) or a "
-                f"{config_class.__name__} field"
-            )
+    sizes, config_fields = split_overrides(
+        overrides,
+        default_sizes=DEFAULT_SIZES,
+        default_config=DEFAULT_CONFIG,
+        config_class=config_class,
+        policy_type=policy_type,
+    )
     if sizes["num_heads"] != 8:
         raise ValueError(
             f"tiny {policy_type}: num_heads={sizes['num_heads']} but must be 8 (lerobot's "
@@ -294,13 +289,13 @@ def build_pi0_family(
         {**(config_defaults or {}), **overrides}, config_class, policy_type
     )
     cfg = config_class(image_resolution=(sizes["image_size"], sizes["image_size"]), **config_fields)
-    spec = {
-        "policy_type": policy_type,
-        "sizes": sizes,
-        "seed": seed,
-        "why_patched": why_patched(policy_type),
-        "tokenizers": {"text": f"hub snapshot of {PALIGEMMA_TOKENIZER_REPO} in craft's tiny hub cache"},
-    }
+    spec = tiny_spec(
+        policy_type,
+        sizes=sizes,
+        seed=seed,
+        why_patched=why_patched(policy_type),
+        tokenizers={"text": f"hub snapshot of {PALIGEMMA_TOKENIZER_REPO} in craft's tiny hub cache"},
+    )
     # The processors load the PaliGemma tokenizer by hub name: they need the patches too.
     with tiny_lerobot_models(spec):
         return instantiate_and_save(cfg, spec, Path(out_dir), ds_meta=ds_meta, seed=seed)

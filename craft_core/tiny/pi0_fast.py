@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save, tokenizer_texts
+from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save, split_overrides, tiny_spec, tokenizer_texts
 from craft_core.tiny.patching import replaced_attribute
 from craft_core.tiny.tokenizers import write_fast_action_tokenizer, write_text_tokenizer
 
@@ -113,17 +113,13 @@ def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] =
     """
     from lerobot.policies.pi0_fast.configuration_pi0_fast import PI0FastConfig
 
-    sizes = dict(DEFAULT_SIZES)
-    config_fields = dict(DEFAULT_CONFIG)
-    for key, value in overrides.items():
-        if key in sizes:
-            sizes[key] = int(value)
-        elif key in PI0FastConfig.__dataclass_fields__:
-            config_fields[key] = value
-        else:
-            raise ValueError(
-                f"unknown tiny pi0_fast override {key!r}: use a size ({sorted(sizes)}) or a PI0FastConfig field"
-            )
+    sizes, config_fields = split_overrides(
+        overrides,
+        default_sizes=DEFAULT_SIZES,
+        default_config=DEFAULT_CONFIG,
+        config_class=PI0FastConfig,
+        policy_type=POLICY_TYPE,
+    )
 
     action_dim = int(ds_meta.features["action"]["shape"][0])
     text_dir = out_dir / TOKENIZERS_DIR / "text"
@@ -149,14 +145,14 @@ def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] =
         image_resolution=(sizes["image_size"], sizes["image_size"]),
         **config_fields,
     )
-    spec = {
-        "policy_type": POLICY_TYPE,
-        "sizes": sizes,
-        "seed": seed,
-        "why_patched": WHY_PATCHED,
-        "tokenizers": {
+    spec = tiny_spec(
+        POLICY_TYPE,
+        sizes=sizes,
+        seed=seed,
+        why_patched=WHY_PATCHED,
+        tokenizers={
             "text_tokenizer_name": f"{TOKENIZERS_DIR}/text",
             "action_tokenizer_name": f"{TOKENIZERS_DIR}/fast_action",
         },
-    }
+    )
     return instantiate_and_save(cfg, spec, out_dir, ds_meta=ds_meta, seed=seed)

@@ -15,7 +15,7 @@ states can never drift and retention would be vacuous.
 from pathlib import Path
 from typing import Any, Sequence
 
-from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save, tokenizer_texts
+from craft_core.tiny.build import TOKENIZERS_DIR, instantiate_and_save, split_overrides, tiny_spec, tokenizer_texts
 from craft_core.tiny.tokenizers import write_text_tokenizer
 
 POLICY_TYPE = "smolvla"
@@ -119,18 +119,13 @@ def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] =
     """
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
 
-    sizes = dict(DEFAULT_SIZES)
-    config_fields = dict(DEFAULT_CONFIG)
-    for key, value in overrides.items():
-        if key in sizes:
-            sizes[key] = int(value)
-        elif key in SmolVLAConfig.__dataclass_fields__:
-            config_fields[key] = value
-        else:
-            raise ValueError(
-                f"unknown tiny smolvla override {key!r}: use a size ({sorted(sizes)}) or a SmolVLAConfig field"
-            )
-
+    sizes, config_fields = split_overrides(
+        overrides,
+        default_sizes=DEFAULT_SIZES,
+        default_config=DEFAULT_CONFIG,
+        config_class=SmolVLAConfig,
+        policy_type=POLICY_TYPE,
+    )
     vlm_dir = write_tiny_smolvlm(out_dir / TOKENIZERS_DIR / "vlm", sizes, tokenizer_texts(ds_meta, extra_texts))
     cfg = SmolVLAConfig(
         vlm_model_name=str(vlm_dir),
@@ -138,11 +133,11 @@ def build(out_dir: Path, *, ds_meta, seed: int = 0, extra_texts: Sequence[str] =
         resize_imgs_with_padding=(sizes["image_size"], sizes["image_size"]),
         **config_fields,
     )
-    spec = {
-        "policy_type": POLICY_TYPE,
-        "sizes": sizes,
-        "seed": seed,
-        "why_patched": WHY_PATCHED,
-        "tokenizers": {"vlm_model_name": f"{TOKENIZERS_DIR}/vlm"},
-    }
+    spec = tiny_spec(
+        POLICY_TYPE,
+        sizes=sizes,
+        seed=seed,
+        why_patched=WHY_PATCHED,
+        tokenizers={"vlm_model_name": f"{TOKENIZERS_DIR}/vlm"},
+    )
     return instantiate_and_save(cfg, spec, out_dir, ds_meta=ds_meta, seed=seed)
