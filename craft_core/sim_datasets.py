@@ -166,32 +166,28 @@ def _pusht_action(sim, waypoint, step: int, rng: np.random.Generator | None) -> 
     return np.clip(agent + delta, 10.0, PUSHT_WORKSPACE - 10.0).astype(np.float32)
 
 
-def _record_pusht(dataset, task: str, *, n_episodes: int, max_steps: int, image_size: int, seed: int):
-    import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
-    import gymnasium as gym
+def _record_scripted_episodes(
+    dataset, env, *, controller, camera, instruction: str, n_episodes: int, max_steps: int, seed: int
+) -> None:
+    """Roll out a scripted controller for ``n_episodes`` episodes and record every step; closes ``env``.
 
-    env = gym.make(
-        "gym_pusht/PushT-v0",
-        obs_type="pixels_agent_pos",
-        render_mode="rgb_array",
-        observation_width=image_size,
-        observation_height=image_size,
-        max_episode_steps=max_steps,
-    )
-    instruction = PUSHT_TASKS[task]
+    ``controller(env, first_obs, noise)`` returns ``act(step) -> float32 action`` for one episode;
+    ``noise`` is that episode's seeded generator, so an episode's actions depend only on its seed.
+    ``camera`` is (dataset feature key, obs -> image).
+    """
+    camera_key, camera_image = camera
     try:
         for episode in range(n_episodes):
             episode_seed = _episode_seed(seed, episode)
             noise = np.random.default_rng(episode_seed)
             obs, _ = env.reset(seed=episode_seed)
-            sim = env.unwrapped
-            waypoint = _pusht_controller(task, sim)
+            act = controller(env, obs, noise)
             for step in range(max_steps):
-                action = _pusht_action(sim, waypoint, step, rng=noise)
+                action = act(step)
                 next_obs, reward, terminated, truncated, info = env.step(action)
                 dataset.add_frame(
                     {
-                        "observation.image": obs["pixels"],
+                        camera_key: camera_image(obs),
                         "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
                         "action": action,
                         "next.reward": np.array([reward], dtype=np.float32),
@@ -205,6 +201,36 @@ def _record_pusht(dataset, task: str, *, n_episodes: int, max_steps: int, image_
             dataset.save_episode()
     finally:
         env.close()
+
+
+def _record_pusht(dataset, task: str, *, n_episodes: int, max_steps: int, image_size: int, seed: int):
+    import gym_pusht  # noqa: F401  (registers gym_pusht/PushT-v0)
+    import gymnasium as gym
+
+    env = gym.make(
+        "gym_pusht/PushT-v0",
+        obs_type="pixels_agent_pos",
+        render_mode="rgb_array",
+        observation_width=image_size,
+        observation_height=image_size,
+        max_episode_steps=max_steps,
+    )
+
+    def pusht_controller(env, obs, noise):
+        sim = env.unwrapped
+        waypoint = _pusht_controller(task, sim)
+        return lambda step: _pusht_action(sim, waypoint, step, rng=noise)
+
+    _record_scripted_episodes(
+        dataset,
+        env,
+        controller=pusht_controller,
+        camera=("observation.image", lambda obs: obs["pixels"]),
+        instruction=PUSHT_TASKS[task],
+        n_episodes=n_episodes,
+        max_steps=max_steps,
+        seed=seed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,35 +330,28 @@ def _record_aloha(dataset, task: str, *, n_episodes: int, max_steps: int, image_
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the mujoco import
     height, width, _ = _aloha_image_shape(image_size)
     env = _make_aloha_env(height, width)
-    instruction = ALOHA_TASKS[task]
-    try:
-        for episode in range(n_episodes):
-            episode_seed = _episode_seed(seed, episode)
-            noise = np.random.default_rng(episode_seed)
-            obs, _ = env.reset(seed=episode_seed)
-            start = np.asarray(obs["agent_pos"], dtype=np.float64).copy()
-            for step in range(max_steps):
-                action = _aloha_action(task, start, step, max_steps)
-                joints = np.r_[0:6, 7:13]
-                action[joints] += noise.normal(0.0, ALOHA_NOISE_RAD, joints.size)
-                action = action.astype(np.float32)
-                next_obs, reward, terminated, truncated, info = env.step(action)
-                dataset.add_frame(
-                    {
-                        "observation.images.top": obs["pixels"]["top"],
-                        "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
-                        "action": action,
-                        "next.reward": np.array([reward], dtype=np.float32),
-                        "next.success": np.array([bool(info["is_success"])]),
-                        "task": instruction,
-                    }
-                )
-                obs = next_obs
-                if terminated or truncated:
-                    break
-            dataset.save_episode()
-    finally:
-        env.close()
+
+    def aloha_controller(env, obs, noise):
+        start = np.asarray(obs["agent_pos"], dtype=np.float64).copy()
+
+        def act(step: int) -> np.ndarray:
+            action = _aloha_action(task, start, step, max_steps)
+            joints = np.r_[0:6, 7:13]
+            action[joints] += noise.normal(0.0, ALOHA_NOISE_RAD, joints.size)
+            return action.astype(np.float32)
+
+        return act
+
+    _record_scripted_episodes(
+        dataset,
+        env,
+        controller=aloha_controller,
+        camera=("observation.images.top", lambda obs: obs["pixels"]["top"]),
+        instruction=ALOHA_TASKS[task],
+        n_episodes=n_episodes,
+        max_steps=max_steps,
+        seed=seed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
