@@ -114,6 +114,15 @@ def stored_as_batch(policy, batch, inputs):
     return rebuilt
 
 
+def anchor_inputs_before_and_after_a_state_shift(loaded, dataset):
+    """(adapter, inputs of one frame, inputs of the same frame with its state moved by 3)."""
+    policy, preprocessor, _, _ = loaded
+    adapter = get_adapter(policy)
+    frames = raw_batch(policy, dataset, [0])
+    shifted = dict(frames, **{"observation.state": frames["observation.state"] + 3.0})
+    return adapter, adapter.anchor_inputs(preprocessor(frames)), adapter.anchor_inputs(preprocessor(shifted))
+
+
 class PI0FamilyAdapterChecks:
     """Keystone checks shared by pi0 and pi05 (subclasses set ``policy_type``)."""
 
@@ -276,11 +285,7 @@ class TestPI0Adapter(PI0FamilyAdapterChecks):
 
     def test_state_is_not_a_prefix_input(self, loaded, tiny_pi0_dataset):
         """pi0 feeds the state to the action expert (suffix): changing it leaves the prefix unchanged."""
-        policy, preprocessor, _, _ = loaded
-        adapter = get_adapter(policy)
-        frames = raw_batch(policy, tiny_pi0_dataset, [0])
-        shifted = dict(frames, **{"observation.state": frames["observation.state"] + 3.0})
-        a, b = adapter.anchor_inputs(preprocessor(frames)), adapter.anchor_inputs(preprocessor(shifted))
+        _, a, b = anchor_inputs_before_and_after_a_state_shift(loaded, tiny_pi0_dataset)
         for name in a:
             assert torch.equal(a[name], b[name]), name
 

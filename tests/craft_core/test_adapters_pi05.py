@@ -2,8 +2,7 @@
 
 import torch
 
-from craft_core.adapters import get_adapter
-from tests.craft_core.test_adapters_pi0 import PI0FamilyAdapterChecks, raw_batch
+from tests.craft_core.test_adapters_pi0 import PI0FamilyAdapterChecks, anchor_inputs_before_and_after_a_state_shift
 
 
 class TestPI05Adapter(PI0FamilyAdapterChecks):
@@ -11,11 +10,7 @@ class TestPI05Adapter(PI0FamilyAdapterChecks):
 
     def test_state_reaches_the_prefix_through_the_prompt(self, loaded, tiny_pi0_dataset):
         """pi05's preprocessor discretises the state into the prompt: another state, other tokens."""
-        policy, preprocessor, _, _ = loaded
-        adapter = get_adapter(policy)
-        frames = raw_batch(policy, tiny_pi0_dataset, [0])
-        shifted = dict(frames, **{"observation.state": frames["observation.state"] + 3.0})
-        a, b = adapter.anchor_inputs(preprocessor(frames)), adapter.anchor_inputs(preprocessor(shifted))
+        adapter, a, b = anchor_inputs_before_and_after_a_state_shift(loaded, tiny_pi0_dataset)
         assert torch.equal(a["images"], b["images"])
         assert not torch.equal(a["lang_tokens"], b["lang_tokens"])
         with torch.no_grad():
