@@ -6,7 +6,8 @@ right-padded language tokens. The robot state is *not* in pi0's prefix: ``embed_
 it into the action expert's stream, so it is not an anchor input. (pi05, which subclasses this
 adapter in ``craft_core.adapters.pi05``, discretises the state into the prompt instead.)
 
-Stored per anchor (``input_spec``):
+Stored per anchor (``input_spec``; cameras and prompt are built by ``craft_core.adapters._camera_prompt``,
+shared with the other VLA adapters):
 
 - ``images`` ``[n_cameras, 3, H, W]`` uint8: each camera after the policy's own
   ``_preprocess_images`` (resize-with-pad to ``image_resolution``), mapped from the model's

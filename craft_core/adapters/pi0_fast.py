@@ -1,6 +1,7 @@
 """pi0_fast: PaliGemma prefix = [image tokens of every camera | prompt tokens (task + discretised state)].
 
-Stored per anchor (``input_spec``):
+Stored per anchor (``input_spec``; cameras and prompt are built by ``craft_core.adapters._camera_prompt``,
+shared with the other VLA adapters):
 
 - ``images`` ``[n_cameras, 3, H, W]`` uint8 — each camera after the policy's own
   ``_preprocess_images`` (resize-with-pad to ``image_resolution``), quantised to uint8 with

@@ -1,6 +1,7 @@
 """smolvla: SmolVLM prefix = [image tokens of every camera | language tokens | state token].
 
-Stored per anchor (``input_spec``):
+Stored per anchor (``input_spec``; cameras and prompt are built by ``craft_core.adapters._camera_prompt``,
+shared with the other VLA adapters):
 
 - ``images`` ``[n_cameras, 3, H, W]`` uint8 — each camera after the policy's own
   ``prepare_images`` (resize-with-pad to ``resize_imgs_with_padding``), quantised with rounding.
