@@ -163,9 +163,26 @@ def _done(path: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _mark_done(path: Path, payload: dict) -> dict:
+def _mark_done(path: Path, payload: dict, clock: "Clock") -> dict:
+    payload["cost"] = clock.cost()
     (path / "done.json").write_text(json.dumps(payload, indent=2, default=str))
-    return payload
+    return {**payload, "made_now": True}
+
+
+class Clock:
+    """Wall and CPU seconds since creation. With one torch thread, CPU time is what the work takes
+    on a quiet core; on a busy shared machine the wall time is several times larger."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def cost(self) -> dict:
+        return {"wall_s": time.time() - self.wall, "cpu_s": time.process_time() - self.cpu}
+
+
+def _total_cost(costs) -> dict:
+    costs = list(costs)
+    return {"wall_s": sum(c["wall_s"] for c in costs), "cpu_s": sum(c["cpu_s"] for c in costs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,7 +211,7 @@ def build_teacher(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> d
         return done
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    started = time.time()
+    clock = Clock()
     assets = build_demo_assets(
         AssetsConfig(
             policy_type=policy_type, env=cfg.data.env, task_a=cfg.data.task_a, task_b=cfg.data.task_b,
@@ -224,8 +241,7 @@ def build_teacher(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> d
         "init": assets["teacher"],
         "datasets": assets["datasets"],
         "pretrain_metrics": pretrained["metrics"],
-        "wall_s": time.time() - started,
-    })
+    }, clock)
 
 
 def build_stores(cfg: ExperimentConfig, policy_type: str, teacher: dict, work: Path, log) -> dict:
@@ -238,7 +254,7 @@ def build_stores(cfg: ExperimentConfig, policy_type: str, teacher: dict, work: P
         return done
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    started = time.time()
+    clock = Clock()
     train_eps, heldout_eps = episode_split(cfg.data)
     task_a = teacher["datasets"]["task_a"]
     common = dict(teacher=PolicySource(path=teacher["teacher"]), layers=cfg.anchors.layers,
@@ -254,7 +270,7 @@ def build_stores(cfg: ExperimentConfig, policy_type: str, teacher: dict, work: P
     extract_anchors(CacheConfig(
         dataset=DatasetSource(repo_id=task_a["repo_id"], root=task_a["root"], episodes=heldout_eps),
         n_anchors=n_eval, heldout_fraction=(n_eval - 1) / n_eval, **common), eval_store)
-    return _mark_done(out, {"train_store": train_store, "eval_store": eval_store, "wall_s": time.time() - started})
+    return _mark_done(out, {"train_store": train_store, "eval_store": eval_store}, clock)
 
 
 def finetune(cfg: ExperimentConfig, policy_type: str, teacher: dict, stores: dict, seed: int, run: str,
@@ -270,6 +286,7 @@ def finetune(cfg: ExperimentConfig, policy_type: str, teacher: dict, stores: dic
     if done := _done(out):
         return done
     shutil.rmtree(out, ignore_errors=True)
+    clock = Clock()
     train_eps, _ = episode_split(cfg.data)
     task_b = teacher["datasets"]["task_b"]
     log(f"{policy_type}: fine-tuning on task B, {run}, seed {seed} ({ft.steps} steps)")
@@ -289,8 +306,7 @@ def finetune(cfg: ExperimentConfig, policy_type: str, teacher: dict, stores: dic
     return _mark_done(out, {
         "run": run, "seed": seed, "dir": str(out), "metrics": result["metrics"], "plot": result["plot"],
         "checkpoints": {int(c.name): str(c / "pretrained_model") for c in checkpoints},
-        "wall_s": result["wall_time_s"],
-    })
+    }, clock)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,7 +441,7 @@ def render_markdown(results: dict) -> str:
             f"{policy_result['teacher']['task_a_loss']:.4g} after {pretrain['steps']} pretraining steps; held-out "
             f"episodes {held['episodes']} ({held['task_a_frames']} task-A / {held['task_b_frames']} task-B frames), "
             f"{held['heldout_anchors']} held-out anchors, {held['heldout_episode_anchors']} held-out-episode anchors; "
-            f"{policy_result['cpu_s'] / 60:.1f} CPU-min."
+            f"{policy_result['cost']['cpu_s'] / 60:.1f} CPU-min."
         )
     lines += ["", "Targets (CRaFT vs baseline):", ""]
     lines.append("| policy | CRaFT drift ≤ ε_end | drift baseline/CRaFT (≥ 3) | task-A closer to teacher "
@@ -502,15 +518,19 @@ def run_policy(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict
     from craft_core.evaluation.drift import open_heldout
 
     cfg = cfg.for_policy(policy_type)
-    cached = work / policy_type / f"result-{_digest(cfg.model_dump(mode='json'), policy_type)}.json"
+    settings = cfg.model_dump(mode="json", exclude={"policies", "per_policy", "name"})
+    cached = work / policy_type / f"result-{_digest(settings, policy_type)}.json"
     if cached.is_file():
         log(f"{policy_type}: reusing measured result {cached}")
         result = json.loads(cached.read_text())
         result["summary"] = summarise(result, cfg.finetune.retention.eps_end)
         return result
-    started, cpu_started = time.time(), time.process_time()
+    clock = Clock()
+    costs = []  # of every piece this result is made of, whether computed now or reused from work/
     teacher = build_teacher(cfg, policy_type, work, log)
     stores = build_stores(cfg, policy_type, teacher, work, log)
+    costs += [teacher["cost"], stores["cost"]]
+    costs_made_now = [teacher.get("made_now", False), stores.get("made_now", False)]
     _, heldout_eps = episode_split(cfg.data)
     ev = cfg.evaluation
     losses = {
@@ -529,13 +549,19 @@ def run_policy(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict
             # so a sweep re-measures nothing of the shared baseline.
             measured = Path(trained["dir"]) / f"measured-{_digest(cfg.data.model_dump(), ev.model_dump(), stores)}.json"
             if measured.is_file():
-                curve = json.loads(measured.read_text())
+                measurement = json.loads(measured.read_text())
             else:
+                measure_clock = Clock()
                 curve = [
                     {"step": int(step), **measure_checkpoint(path, losses, drift_sets, ev.batch_size)}
                     for step, path in sorted(trained["checkpoints"].items(), key=lambda item: int(item[0]))
                 ]
-                measured.write_text(json.dumps(curve))
+                measurement = {"curve": curve, "cost": measure_clock.cost()}
+                measured.write_text(json.dumps(measurement))
+                measurement["made_now"] = True
+            curve = measurement["curve"]
+            costs += [trained["cost"], measurement["cost"]]
+            costs_made_now += [trained.get("made_now", False), measurement.get("made_now", False)]
             train_log = [
                 {k: r.get(k) for k in ("step", "task_loss", "retention_loss", "lambda", "epsilon", "projected")}
                 for r in read_metrics(trained["metrics"])
@@ -544,7 +570,7 @@ def run_policy(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict
             log(f"{policy_type}: {run} seed {seed} final "
                 f"{json.dumps({k: round(v, 5) for k, v in final.items() if k != 'step'})}")
             runs[run].append({"seed": seed, "final": final, "curve": curve, "train_log": train_log,
-                              "train_wall_s": trained["wall_s"]})
+                              "train_cost": trained["cost"]})
     result = {
         "teacher": teacher_row,
         "teacher_pretrain": _pretrain_summary(cfg, teacher, losses),
@@ -556,11 +582,13 @@ def run_policy(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict
                     "task_b_frames": losses["task_b"].n_frames,
                     "heldout_anchors": drift_sets["anchors"].info["n_heldout"],
                     "heldout_episode_anchors": drift_sets["episodes"].info["n_heldout"]},
-        # Wall time includes waiting for a busy CPU; with one torch thread, CPU time is what the
-        # same work takes on a quiet core.
-        "wall_s": time.time() - started,
-        "cpu_s": time.process_time() - cpu_started,
     }
+    # Everything this result took to produce: every piece counts what it cost when it was made
+    # (now or in an earlier call), plus this call's own work outside the pieces.
+    made_now = _total_cost(costs[i] for i, made in enumerate(costs_made_now) if made)
+    elapsed = clock.cost()
+    own = {key: elapsed[key] - made_now[key] for key in elapsed}
+    result["cost"] = _total_cost([*costs, own])
     result["summary"] = summarise(result, cfg.finetune.retention.eps_end)
     cached.write_text(json.dumps(result, allow_nan=False))
     return result
@@ -587,17 +615,34 @@ def run_experiment(cfg: ExperimentConfig, out: Path, work: Path, log=print) -> d
     for policy_type in cfg.policies:
         results["policies"][policy_type] = run_policy(cfg, policy_type, work, log)
     results["wall_s"] = time.time() - started
-    # Sum over policies of the time their (possibly cached, possibly parallel) runs took.
-    results["compute"] = {
-        "wall_s": sum(p["wall_s"] for p in results["policies"].values()),
-        "cpu_s": sum(p["cpu_s"] for p in results["policies"].values()),
-    }
+    results["compute"] = _total_cost(p["cost"] for p in results["policies"].values())
     (out / "plots").mkdir(exist_ok=True)
     for policy_type, policy_result in results["policies"].items():
         plot_policy(policy_type, policy_result, out / "plots" / f"{policy_type}.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, allow_nan=False))
     (out / "results.md").write_text(render_markdown(results))
     return results
+
+
+def run_policies_in_parallel(args, cfg: ExperimentConfig, log) -> None:
+    import subprocess
+
+    pending = list(cfg.policies)
+    running: list[tuple[str, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            policy_type = pending.pop(0)
+            command = [sys.executable, __file__, "--config", args.config, "--work", args.work,
+                       "--out", str(Path(args.work) / f"partial-{policy_type}"), "--threads", str(args.threads),
+                       *args.overrides, f"policies=[{policy_type}]"]
+            log(f"{policy_type}: started in its own process")
+            running.append((policy_type, subprocess.Popen(command)))
+        time.sleep(2)
+        for policy_type, process in list(running):
+            if process.poll() is not None:
+                running.remove((policy_type, process))
+                if process.returncode != 0:
+                    raise SystemExit(f"the {policy_type} run failed (exit {process.returncode}); see its output above")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -607,6 +652,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default=str(REPO_ROOT / "artifacts" / "experiment"),
                         help="Intermediate datasets/checkpoints/stores (reused when settings match)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Run up to this many policy types at once, in separate processes (one per core)")
     parser.add_argument("overrides", nargs="*", help="section.field=value, e.g. finetune.retention.eps_end=0.005")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -617,7 +664,10 @@ def main(argv: list[str] | None = None) -> None:
     def log(message: str) -> None:
         print(f"[retention {time.time() - started:7.1f}s] {message}", flush=True)
 
+    if args.jobs > 1 and len(cfg.policies) > 1:
+        run_policies_in_parallel(args, cfg, log)  # fills the work/ cache; assembled below
     results = run_experiment(cfg, Path(args.out), Path(args.work), log)
+    log(f"done: {results['compute']['cpu_s'] / 60:.1f} CPU-min in all, {(time.time() - started) / 60:.1f} min elapsed")
     print(render_markdown(results))
     if not all(math.isfinite(v) for p in results["policies"].values() for v in p["teacher"].values()):
         raise SystemExit("non-finite teacher measurements; see results.json")
