@@ -194,7 +194,11 @@ class AnchorStoreWriter:
     def _create_or_reopen(self) -> zarr.Group:
         layout = self.layout
         fingerprint = layout.attrs.get("fingerprint")
-        group = _open_group(self.url, "a")
+        try:
+            group = _open_group(self.url, "a")
+        except zarr.errors.ContainsGroupError:
+            # Another worker created the root group between our existence check and our write.
+            group = _open_group(self.url, "r+")
         existing = dict(group.attrs)
         if existing.get("fingerprint") not in (None, fingerprint):
             raise AnchorStoreError(
