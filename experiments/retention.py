@@ -421,8 +421,8 @@ def render_markdown(results: dict) -> str:
     lines = [f"# Retention experiment: baseline vs CRaFT ({results['config']['name']})", ""]
     lines.append(
         f"Seeds {results['config']['seeds']}; mean ± std over seeds of the final checkpoint, measured on "
-        f"held-out episodes. Compute: {results['compute']['cpu_s'] / 60:.1f} CPU-min "
-        f"({results['compute']['wall_s'] / 60:.1f} min wall) on {results['machine']}."
+        f"held-out episodes. Compute: {results['compute']['cpu_s'] / 60:.1f} CPU-min in all stages (their wall "
+        f"times add up to {results['compute']['wall_s'] / 60:.1f} min on a shared machine), {results['machine']}."
     )
     lines.append("")
     header = "| policy | run | " + " | ".join(label for _, label in METRICS) + " |"
@@ -441,7 +441,7 @@ def render_markdown(results: dict) -> str:
             f"{policy_result['teacher']['task_a_loss']:.4g} after {pretrain['steps']} pretraining steps; held-out "
             f"episodes {held['episodes']} ({held['task_a_frames']} task-A / {held['task_b_frames']} task-B frames), "
             f"{held['heldout_anchors']} held-out anchors, {held['heldout_episode_anchors']} held-out-episode anchors; "
-            f"{policy_result['cost']['cpu_s'] / 60:.1f} CPU-min."
+            f"all {policy_type} stages {policy_result['cost']['cpu_s'] / 60:.1f} CPU-min."
         )
     lines += ["", "Targets (CRaFT vs baseline):", ""]
     lines.append("| policy | CRaFT drift ≤ ε_end | drift baseline/CRaFT (≥ 3) | task-A closer to teacher "
