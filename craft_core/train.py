@@ -379,7 +379,8 @@ def train(
             else:
                 skipped_nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
+            if lr_scheduler is not None:  # None without the policy's training preset (constant lr)
+                lr_scheduler.step()
             if has_method(student, "update"):
                 student.update()
             step += 1

@@ -170,6 +170,22 @@ def test_baseline_is_the_same_loop_without_retention(tiny_pi0_fast, pusht_datase
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["000002", "last"]
 
 
+def test_without_the_policy_preset_lr_is_constant_and_checkpoints_resume(tiny_pi0_fast, pusht_datasets, tmp_path):
+    """use_policy_training_preset=False: plain AdamW at train.lr, no scheduler, and resume still works."""
+    from craft_core.train import train
+
+    repo_id, root = task_dataset(pusht_datasets)
+    teacher = PolicySource(path=str(tiny_pi0_fast))
+    cfg = train_config(repo_id, root, steps=2, save_every=1, lr=3e-4, use_policy_training_preset=False)
+    train(cfg, teacher=teacher, store_url=None, out_dir=tmp_path, retention=False)
+    longer = cfg.model_copy(update={"steps": 3})
+    with pytest.raises(Exception, match="steps"):  # a changed config is refused on resume, naming the field
+        train(longer, teacher=teacher, store_url=None, out_dir=tmp_path, retention=False)
+    records = read_metrics(tmp_path)
+    assert [r["lr"] for r in records] == [3e-4, 3e-4]
+    assert not (tmp_path / "checkpoints" / "000002" / "training_state" / "scheduler_state.json").exists()
+
+
 # ---------------------------------------------------------------------------------- start-up checks
 
 
