@@ -1,7 +1,7 @@
 """Retention experiment: does CRaFT make fine-tuning forget less than plain fine-tuning?
 
-    python experiments/retention.py                       # configs/experiment_retention.yaml
-    python experiments/retention.py --config configs/experiment_smoke.yaml --out /tmp/x
+    python experiments/retention.py                       # configs/experiments/retention.yaml
+    python experiments/retention.py --config configs/experiments/smoke.yaml --out /tmp/x
 
 For each policy type (tiny real pi0_fast, then smolvla), with the craft stage functions:
 
@@ -647,7 +647,7 @@ def run_policies_in_parallel(args, cfg: ExperimentConfig, log) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "experiment_retention.yaml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "experiments" / "retention.yaml"))
     parser.add_argument("--out", default=str(REPO_ROOT / "experiments" / "results"))
     parser.add_argument("--work", default=str(REPO_ROOT / "artifacts" / "experiment"),
                         help="Intermediate datasets/checkpoints/stores (reused when settings match)")

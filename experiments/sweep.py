@@ -41,7 +41,7 @@ COLUMNS = ("task_b_loss", "task_a_loss", "drift_anchors", "drift_episodes")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sweep CRaFT's settings (one policy, few seeds)")
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "experiment_retention.yaml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "experiments" / "retention.yaml"))
     parser.add_argument("--policy", default="pi0_fast")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="*", help="Subset of variant names (default: all)")

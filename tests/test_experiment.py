@@ -13,7 +13,7 @@ import pytest
 
 from experiments.retention import METRICS, RUNS, load_experiment_config, run_experiment
 
-SMOKE = Path(__file__).resolve().parent.parent / "configs" / "experiment_smoke.yaml"
+SMOKE = Path(__file__).resolve().parent.parent / "configs" / "experiments" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
