@@ -54,7 +54,7 @@ from typing import Any, Iterator
 import torch
 
 from craft_core.config import PolicySource
-from craft_core.tiny.build import TINY_MARKER, read_tiny_spec
+from craft_core.tiny.build import read_tiny_spec
 
 CONFIG_NAME = "config.json"
 PREPROCESSOR_CONFIG = "policy_preprocessor.json"

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from craft_core.fingerprint import StageDir, code_version, run_stage, stage_fingerprint  # noqa: E402
 from craft_core.config import (  # noqa: E402
     AssetsConfig,
     CacheConfig,
@@ -158,15 +158,27 @@ def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _done(path: Path) -> dict | None:
-    marker = path / "done.json"
-    return json.loads(marker.read_text()) if marker.is_file() else None
+def _measurement_code() -> list[str]:
+    """Code versions a measured result depends on, so a code change never reuses a stale result."""
+    return [code_version(m) for m in ("craft_core.assets", "craft_core.extraction", "craft_core.train",
+                                      "craft_core.evaluation.drift")]
 
 
-def _mark_done(path: Path, payload: dict, clock: "Clock") -> dict:
-    payload["cost"] = clock.cost()
-    (path / "done.json").write_text(json.dumps(payload, indent=2, default=str))
-    return {**payload, "made_now": True}
+def _cached_stage(work: Path, stage: str, config: dict, code_module: str, make) -> dict:
+    """``make(out_dir) -> payload``, run once per (config, code of ``code_module``) in craft's own
+    content-addressed stage directory ``work/<stage>/<fingerprint>/``: a finished one is reused, a
+    killed one resumes in place (the stage functions resume), and a code change re-runs it."""
+    code = code_version(code_module)
+    stage_dir = StageDir(work, stage, stage_fingerprint(stage, config, code=code))
+    clock = Clock()
+
+    def body(out: Path) -> dict:
+        payload = make(out)
+        payload["cost"] = clock.cost()
+        return payload
+
+    result, executed = run_stage(stage_dir, body, config=config, code=code)
+    return {**result, "made_now": executed}
 
 
 class Clock:
@@ -202,16 +214,16 @@ def episode_split(data: DataSettings) -> tuple[list[int], list[int]]:
 
 def build_teacher(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict:
     """Datasets + tiny policy (build_demo_assets), then pretraining on task A's training episodes."""
+    config = {"policy_type": policy_type, "data": cfg.data.model_dump(mode="json"),
+              "teacher": cfg.teacher.model_dump(mode="json")}
+    return _cached_stage(work, f"{policy_type}/teacher", config, "craft_core.assets",
+                         lambda out: _build_teacher(cfg, policy_type, out, log))
+
+
+def _build_teacher(cfg: ExperimentConfig, policy_type: str, out: Path, log) -> dict:
     from craft_core.assets import build_demo_assets
     from craft_core.train import train
 
-    key = _digest(policy_type, cfg.data.model_dump(), cfg.teacher.model_dump())
-    out = work / policy_type / f"teacher-{key}"
-    if done := _done(out):
-        return done
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    clock = Clock()
     assets = build_demo_assets(
         AssetsConfig(
             policy_type=policy_type, env=cfg.data.env, task_a=cfg.data.task_a, task_b=cfg.data.task_b,
@@ -236,25 +248,25 @@ def build_teacher(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> d
         out_dir=out / "pretrain",
         retention=False,
     )
-    return _mark_done(out, {
+    return {
         "teacher": pretrained["checkpoint"],
         "init": assets["teacher"],
         "datasets": assets["datasets"],
         "pretrain_metrics": pretrained["metrics"],
-    }, clock)
+    }
 
 
 def build_stores(cfg: ExperimentConfig, policy_type: str, teacher: dict, work: Path, log) -> dict:
     """Training anchors from task-A training episodes; an eval-only store from held-out episodes."""
+    config = {"teacher": teacher["teacher"], "data": cfg.data.model_dump(mode="json"),
+              "anchors": cfg.anchors.model_dump(mode="json")}
+    return _cached_stage(work, f"{policy_type}/anchors", config, "craft_core.extraction",
+                         lambda out: _build_stores(cfg, policy_type, teacher, out, log))
+
+
+def _build_stores(cfg: ExperimentConfig, policy_type: str, teacher: dict, out: Path, log) -> dict:
     from craft_core.extraction import extract_anchors
 
-    key = _digest(teacher["teacher"], cfg.data.model_dump(), cfg.anchors.model_dump())
-    out = work / policy_type / f"anchors-{key}"
-    if done := _done(out):
-        return done
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    clock = Clock()
     train_eps, heldout_eps = episode_split(cfg.data)
     task_a = teacher["datasets"]["task_a"]
     common = dict(teacher=PolicySource(path=teacher["teacher"]), layers=cfg.anchors.layers,
@@ -270,23 +282,28 @@ def build_stores(cfg: ExperimentConfig, policy_type: str, teacher: dict, work: P
     extract_anchors(CacheConfig(
         dataset=DatasetSource(repo_id=task_a["repo_id"], root=task_a["root"], episodes=heldout_eps),
         n_anchors=n_eval, heldout_fraction=(n_eval - 1) / n_eval, **common), eval_store)
-    return _mark_done(out, {"train_store": train_store, "eval_store": eval_store}, clock)
+    return {"train_store": train_store, "eval_store": eval_store}
 
 
 def finetune(cfg: ExperimentConfig, policy_type: str, teacher: dict, stores: dict, seed: int, run: str,
              work: Path, log) -> dict:
     """One fine-tuning run on task B (baseline = the same loop with retention off)."""
+    retention = run == "craft"
+    settings = cfg.finetune.model_dump(mode="json")
+    if not retention:  # the baseline ignores retention settings: a sweep over them reuses it
+        settings.pop("retention")
+    config = {"teacher": teacher["teacher"], "store": stores["train_store"] if retention else None,
+              "data": cfg.data.model_dump(mode="json"), "settings": settings, "seed": seed, "run": run}
+    return _cached_stage(work, f"{policy_type}/{run}-s{seed}", config, "craft_core.train",
+                         lambda out: _finetune(cfg, policy_type, teacher, stores, seed, run, out, log))
+
+
+def _finetune(cfg: ExperimentConfig, policy_type: str, teacher: dict, stores: dict, seed: int, run: str,
+              out: Path, log) -> dict:
     from craft_core.train import train
 
     ft = cfg.finetune
     retention = run == "craft"
-    settings = ft.model_dump() if retention else {k: v for k, v in ft.model_dump().items() if k != "retention"}
-    key = _digest(teacher["teacher"], stores["train_store"] if retention else None, settings, seed, run)
-    out = work / policy_type / f"{run}-s{seed}-{key}"
-    if done := _done(out):
-        return done
-    shutil.rmtree(out, ignore_errors=True)
-    clock = Clock()
     train_eps, _ = episode_split(cfg.data)
     task_b = teacher["datasets"]["task_b"]
     log(f"{policy_type}: fine-tuning on task B, {run}, seed {seed} ({ft.steps} steps)")
@@ -303,10 +320,10 @@ def finetune(cfg: ExperimentConfig, policy_type: str, teacher: dict, stores: dic
         retention=retention,
     )
     checkpoints = sorted((out / "checkpoints").glob("[0-9]*"))
-    return _mark_done(out, {
+    return {
         "run": run, "seed": seed, "dir": str(out), "metrics": result["metrics"], "plot": result["plot"],
         "checkpoints": {int(c.name): str(c / "pretrained_model") for c in checkpoints},
-    }, clock)
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +536,7 @@ def run_policy(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict
 
     cfg = cfg.for_policy(policy_type)
     settings = cfg.model_dump(mode="json", exclude={"policies", "per_policy", "name"})
-    cached = work / policy_type / f"result-{_digest(settings, policy_type)}.json"
+    cached = work / policy_type / f"result-{_digest(settings, policy_type, _measurement_code())}.json"
     if cached.is_file():
         log(f"{policy_type}: reusing measured result {cached}")
         result = json.loads(cached.read_text())
@@ -547,7 +564,8 @@ def run_policy(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> dict
             trained = finetune(cfg, policy_type, teacher, stores, seed, run, work, log)
             # Measurements depend on the run, the held-out data and the evaluation settings only,
             # so a sweep re-measures nothing of the shared baseline.
-            measured = Path(trained["dir"]) / f"measured-{_digest(cfg.data.model_dump(), ev.model_dump(), stores)}.json"
+            measured = Path(trained["dir"]) / (
+                f"measured-{_digest(cfg.data.model_dump(), ev.model_dump(), stores, _measurement_code())}.json")
             if measured.is_file():
                 measurement = json.loads(measured.read_text())
             else:
