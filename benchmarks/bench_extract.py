@@ -36,8 +36,8 @@ BENCH_SIZES = dict(
 
 
 def build_assets(workdir: Path, n_episodes: int, steps: int) -> tuple[str, Path, Path]:
-    from craft_core.sim_datasets import PUSHT_TASKS, record_dataset
-    from craft_core.tiny import build_tiny_policy
+    from craft_core.demo.sim_datasets import PUSHT_TASKS, record_dataset
+    from craft_core.demo.tiny import build_tiny_policy
 
     repo_id, root, teacher = "bench/pusht_circle", workdir / "dataset", workdir / "teacher"
     if not root.exists():
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
     from craft_core.config import CacheConfig, DatasetSource, PolicySource
     from craft_core.extraction import extract_anchors
     from craft_core.policy_io import load_policy

@@ -31,8 +31,8 @@ def build_assets(work: Path) -> dict:
     """Two recorded pusht tasks, a tiny pi0_fast teacher for task B, and its anchor store."""
     from craft_core.config import CacheConfig, DatasetSource, PolicySource
     from craft_core.extraction import extract_anchors
-    from craft_core.sim_datasets import PUSHT_TASKS, record_dataset
-    from craft_core.tiny import build_tiny_policy
+    from craft_core.demo.sim_datasets import PUSHT_TASKS, record_dataset
+    from craft_core.demo.tiny import build_tiny_policy
 
     datasets = {}
     for task in ("push_t", "circle"):
@@ -88,11 +88,11 @@ def main() -> None:
                     dataset=DatasetSource(repo_id=task["repo_id"], root=str(task["root"])),
                     steps=args.steps, batch_size=args.batch_size, lr=1e-4, device="cpu", seed=0,
                     save_every=10**6, log_every=10**6,
-                    retention=RetentionConfig(every_k=every_k or 1, anchor_batch_size=args.batch_size),
+                    retention=RetentionConfig(every_k=every_k, anchor_batch_size=args.batch_size) if every_k else None,
                 )
                 out_dir = work / f"run_{round_index}_{name}"
                 train(cfg, teacher=PolicySource(path=str(assets["teacher"])),
-                      store_url=assets["store"] if every_k else None, out_dir=out_dir, retention=every_k is not None)
+                      store_url=assets["store"] if every_k else None, out_dir=out_dir)
                 records = timed_steps(out_dir / "metrics.jsonl")
                 samples[name] += records
                 round_means[-1][name] = statistics.fmean(r["step_time_s"] for r in records)

@@ -31,6 +31,8 @@ from lerobot.utils.constants import (
     TRAINING_STATE_DIR,
 )
 
+from craft_core.policy_io import carry_plugin_files
+
 CRAFT_STATE_FILE = "craft_state.json"
 CRAFT_RUN_FILE = "craft_run.json"
 CRAFT_TRAIN_CONFIG_FILE = "craft_train_config.json"
@@ -101,7 +103,8 @@ def save_checkpoint(
     preprocessor.save_pretrained(pretrained_dir)
     postprocessor.save_pretrained(pretrained_dir)
     (pretrained_dir / CRAFT_TRAIN_CONFIG_FILE).write_text(json.dumps(run, indent=2))
-    _copy_tiny_policy_files(policy_source_dir, pretrained_dir)
+    # What a policy loaded through a folder plugin needs to load again (tiny: marker + tokenizers).
+    carry_plugin_files(policy_source_dir, pretrained_dir)
 
     save_training_state(scratch_dir, step, optimizer, scheduler, num_processes=num_processes,
                         batch_size=batch_size)
@@ -114,17 +117,6 @@ def save_checkpoint(
     os.replace(scratch_dir, final_dir)
     update_last_checkpoint(final_dir)
     return final_dir
-
-
-def _copy_tiny_policy_files(source_dir: Path | None, pretrained_dir: Path) -> None:
-    """A tiny offline policy needs its marker (and local tokenizers) to load again, so carry them."""
-    from craft_core.tiny.build import TOKENIZERS_DIR, copy_tiny_marker
-
-    if source_dir is None or not copy_tiny_marker(source_dir, pretrained_dir):
-        return
-    tokenizers = Path(source_dir) / TOKENIZERS_DIR
-    if tokenizers.is_dir():
-        shutil.copytree(tokenizers, pretrained_dir / TOKENIZERS_DIR, dirs_exist_ok=True)
 
 
 def load_checkpoint_state(checkpoint_dir: Path, optimizer, scheduler) -> tuple[int, dict]:

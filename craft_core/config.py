@@ -4,12 +4,16 @@ Every model forbids unknown keys, so a typo in a YAML preset or a Prefect run fo
 that names the field instead of a silently ignored setting (the first CRaFT tool's config was
 unreachable and CRaFT silently off). The pipeline model is the Prefect flow's parameter.
 
-Paths may contain ``${assets}``: the flow replaces it by the directory of the ``assets`` stage
-(tiny teacher and local datasets built offline), so the demo presets need no hub.
+Paths may contain ``${assets}``: the pipeline replaces it by the directory of the ``assets``
+stage (tiny teacher and local datasets built offline), so the demo presets need no hub.
 """
 
+import functools
+import json
+import re
+from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,6 +24,54 @@ MergeMode = Literal["weighted", "equal", "task_priority"]
 EpsilonScheduleKind = Literal["linear", "cosine", "exponential"]
 StageName = Literal["assets", "cache", "train", "eval"]
 STAGES: tuple[str, ...] = ("assets", "cache", "train", "eval")
+
+# Scripted tasks the offline demo can record (craft_core/demo/sim_datasets.py implements them);
+# MetaWorld tasks are lerobot's own list (metaworld_config.json), each with a scripted expert.
+SCRIPTED_TASKS: dict[str, tuple[str, ...]] = {
+    "pusht": ("push_t", "circle", "corner"),
+    "aloha": ("reach", "lift"),
+}
+
+
+@functools.cache
+def metaworld_tasks() -> tuple[str, ...]:
+    """MetaWorld task names lerobot's env knows, read from its config file (no simulator import)."""
+    data = json.loads((resources.files("lerobot.envs") / "metaworld_config.json").read_text())
+    return tuple(data["TASK_DESCRIPTIONS"])
+
+
+# Settings that change how fast or where a stage's progress is shown, never what it computes:
+# the one list every identity uses (stage fingerprints, the anchor store's fingerprint, the
+# resume check of a training run), as dotted paths from the pipeline config's sections.
+NON_SEMANTIC_SETTINGS = frozenset({
+    "cache.batch_size",  # extraction batches never cross a block, so per-anchor values do not depend on it
+    "cache.num_workers",
+    "train.num_workers",
+    "train.log_every",  # how often progress is reported; metrics.jsonl has every step regardless
+    "train.wandb_project",
+})
+
+
+def semantic(value: Any, path: str = "") -> Any:
+    """``value`` (a model or JSON-able data) without the ``NON_SEMANTIC_SETTINGS`` under ``path``.
+
+    ``path`` is where ``value`` sits in the pipeline config: ``semantic(train_cfg, "train")`` drops
+    ``num_workers``, ``log_every`` and ``wandb_project``; ``semantic({"cache": ..., "train": ...})``
+    drops them section by section.
+    """
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    if isinstance(value, dict):
+        kept = {}
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            if child not in NON_SEMANTIC_SETTINGS:
+                kept[key] = semantic(item, child)
+        return kept
+    if isinstance(value, (list, tuple)):
+        return [semantic(item, path) for item in value]
+    return value
+
 
 
 class StrictModel(BaseModel):
@@ -46,9 +98,14 @@ class DatasetSource(StrictModel):
 class AssetsConfig(StrictModel):
     """Offline demo assets: a tiny real lerobot policy and scripted sim datasets."""
 
-    policy_type: Literal["pi0_fast", "smolvla", "pi0", "pi05"] = "pi0_fast"
+    policy_type: str = Field(default="pi0_fast", description="A policy type of craft_core.policies")
     env: Literal["pusht", "aloha"] = "pusht"
-    episodes_per_task: int = Field(default=4, ge=1)
+    episodes_per_task: int = Field(default=4, ge=1, description="Recorded episodes per task used for training")
+    heldout_episodes_per_task: int = Field(
+        default=0, ge=0,
+        description="Further episodes per task, recorded into datasets/<task>_heldout: never trained on, never "
+        "anchored; for measurements on unseen episodes",
+    )
     max_episode_steps: int = Field(default=60, ge=2)
     image_size: int = Field(default=96, ge=16, description="Recorded camera resolution (square)")
     task_a: str = Field(
@@ -59,14 +116,22 @@ class AssetsConfig(StrictModel):
         default=0, ge=0, description="Steps of training the tiny teacher on task A before caching"
     )
     teacher_pretrain_batch_size: int = Field(default=8, ge=1)
+    teacher_pretrain_lr: float | None = Field(default=None, gt=0.0, description="None = the policy preset's")
     device: str = Field(default="auto", description="Device of the teacher pretraining")
     seed: int = 0
 
+    @field_validator("policy_type")
+    @classmethod
+    def _known_policy_type(cls, policy_type: str) -> str:
+        from craft_core.policies import POLICY_TYPES
+
+        if policy_type not in POLICY_TYPES:
+            raise ValueError(f"policy_type={policy_type!r} is not supported; choose one of {list(POLICY_TYPES)}")
+        return policy_type
+
     @model_validator(mode="after")
     def _check_tasks(self) -> "AssetsConfig":
-        from craft_core.sim_datasets import ALOHA_TASKS, PUSHT_TASKS
-
-        known = PUSHT_TASKS if self.env == "pusht" else ALOHA_TASKS
+        known = metaworld_tasks() if self.env == "metaworld" else SCRIPTED_TASKS[self.env]
         for field in ("task_a", "task_b"):
             if getattr(self, field) not in known:
                 raise ValueError(f"{field}={getattr(self, field)!r} is not a {self.env} task; choose one of {sorted(known)}")
@@ -121,7 +186,6 @@ class CacheConfig(StrictModel):
 class RetentionConfig(StrictModel):
     """CRaFT's constrained objective: min L_task s.t. L_ret <= eps(t)."""
 
-    enabled: bool = True
     every_k: int = Field(default=5, ge=1, description="A retention step every K steps")
     loss: RetentionLossKind = "mse"
     conflict_threshold: float = Field(default=-0.1, ge=-1.0, le=1.0)
@@ -163,10 +227,24 @@ class TrainConfig(StrictModel):
     max_nonfinite_steps: int = Field(default=10, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     wandb_project: str | None = None
-    retention: RetentionConfig = Field(default_factory=RetentionConfig)
-    compare_baseline: bool = Field(
-        default=True, description="Also train the same loop with retention off, for the comparison table"
+    retention: RetentionConfig | None = Field(
+        default_factory=RetentionConfig,
+        description="CRaFT's retention settings; null = plain fine-tuning (the baseline): the one retention switch",
     )
+
+
+RUN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED_RUN_NAMES = ("teacher",)
+
+
+class RunSpec(StrictModel):
+    """One fine-tuning run of the comparison: ``train`` as configured, with these differences."""
+
+    retention: bool = Field(default=True, description="false = plain fine-tuning with the same loop (baseline)")
+
+
+def default_runs() -> dict[str, RunSpec]:
+    return {"baseline": RunSpec(retention=False), "craft": RunSpec()}
 
 
 class SimEvalConfig(StrictModel):
@@ -179,12 +257,38 @@ class SimEvalConfig(StrictModel):
     n_videos: int = Field(default=1, ge=0)
 
 
+class ActionLossConfig(StrictModel):
+    """Forgetting measured in loss: each policy's own loss on a dataset's frames (held-out episodes)."""
+
+    name: str = Field(description="Column name in the report, e.g. task_a")
+    dataset: DatasetSource
+
+
+class DriftSetConfig(StrictModel):
+    """Drift on frames of another dataset (e.g. held-out episodes): the teacher's targets are
+    extracted there by the eval stage with the cache's layers and pooling."""
+
+    name: str
+    dataset: DatasetSource
+    n_anchors: int = Field(default=32, ge=1)
+
+
 class EvalConfig(StrictModel):
-    """Stage 3: simulation through lerobot's eval and drift on held-out anchors."""
+    """Stage 3: simulation through lerobot's eval, drift on held-out anchors, held-out losses."""
 
     sim: list[SimEvalConfig] = Field(default_factory=list)
     drift: bool = True
     drift_batch_size: int = Field(default=16, ge=1)
+    drift_sets: list[DriftSetConfig] = Field(default_factory=list)
+    action_loss: list[ActionLossConfig] = Field(default_factory=list)
+    loss_batch_size: int = Field(default=16, ge=1)
+    loss_seed: int = Field(default=1234, description="RNG seed before each loss measurement (flow-matching noise)")
+    every_checkpoint: bool = Field(
+        default=False, description="Also measure losses and drift at every saved checkpoint (curves; sim only at the last)"
+    )
+    reference_runs: dict[str, str] = Field(
+        default_factory=dict, description="Further checkpoints to evaluate by name (pretrained_model folders)"
+    )
     device: str = "auto"
 
 
@@ -204,7 +308,24 @@ class PipelineConfig(StrictModel):
     assets: AssetsConfig | None = Field(default=None, description="Build offline demo assets (tiny policy, local datasets)")
     cache: CacheConfig
     train: TrainConfig
+    runs: dict[str, RunSpec] = Field(
+        default_factory=default_runs,
+        description="The fine-tuning runs to compare, by name; each is `train` with its differences",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("runs")
+    @classmethod
+    def _check_runs(cls, runs: dict[str, RunSpec]) -> dict[str, RunSpec]:
+        if not runs:
+            raise ValueError("runs is empty: name at least one fine-tuning run, e.g. {craft: {}}")
+        for name in runs:
+            if not RUN_NAME.match(name) or name in RESERVED_RUN_NAMES:
+                raise ValueError(
+                    f"run name {name!r} must be lowercase letters, digits and '_' (starting with a letter) "
+                    f"and not one of {RESERVED_RUN_NAMES}"
+                )
+        return runs
 
     @field_validator("stages")
     @classmethod
@@ -218,38 +339,131 @@ class PipelineConfig(StrictModel):
         uses_assets = "${assets}" in self.model_dump_json()
         if uses_assets and self.assets is None:
             raise ValueError("paths use ${assets} but the 'assets' section is missing")
+        if self.train.retention is None and any(run.retention for run in self.runs.values()):
+            retaining = [name for name, run in self.runs.items() if run.retention]
+            raise ValueError(f"runs {retaining} use retention but train.retention is null; configure it "
+                             "or set retention: false for those runs")
         return self
 
-
-def _set_dotted(data: dict, dotted: str, raw_value: str) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {dotted}={raw_value}: '{key}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw_value)
+    def run_train_config(self, run: str) -> TrainConfig:
+        """``train`` as run ``run`` trains: retention off for a baseline run."""
+        spec = self.runs[run]
+        if spec.retention:
+            return self.train
+        return self.train.model_copy(update={"retention": None})
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a pipeline YAML and apply ``a.b=c`` overrides (values parsed as YAML)."""
-    data: dict = {}
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+class ExperimentSection(StrictModel):
+    """What an experiment repeats the pipeline over: policy types and seeds."""
+
+    policies: list[str] = Field(default_factory=lambda: ["pi0_fast", "smolvla"], min_length=1,
+                                description="assets.policy_type of each repetition")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1,
+                             description="train.seed of each repetition (teacher and anchors are shared)")
+    per_policy: dict[str, dict] = Field(
+        default_factory=dict,
+        description="Per-policy changes of the pipeline sections, nested like the YAML, e.g. "
+        "{smolvla: {train: {lr: 3.0e-4}}}",
+    )
+
+    @field_validator("policies")
+    @classmethod
+    def _known_policies(cls, policies: list[str]) -> list[str]:
+        from craft_core.policies import POLICY_TYPES
+
+        unknown = [p for p in policies if p not in POLICY_TYPES]
+        if unknown:
+            raise ValueError(f"unknown policy types {unknown}; choose from {list(POLICY_TYPES)}")
+        return policies
+
+
+class ExperimentConfig(PipelineConfig):
+    """A pipeline config plus the ``experiment`` section: the pipeline repeated per policy and seed."""
+
+    experiment: ExperimentSection = Field(default_factory=ExperimentSection)
+
+    def pipeline_for(self, policy_type: str, seed: int) -> PipelineConfig:
+        """The pipeline run of one (policy type, seed) repetition."""
+        data = self.model_dump(mode="json", exclude={"experiment"})
+        merge_nested(data, self.experiment.per_policy.get(policy_type, {}))
+        if data.get("assets") is not None:
+            data["assets"]["policy_type"] = policy_type
+        data["train"]["seed"] = seed
+        data["name"] = f"{self.name}-{policy_type}-s{seed}"
+        return PipelineConfig.model_validate(data)
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be read; the message names the file or field."""
+
+
+def merge_nested(base: dict, changes: dict) -> None:
+    """Merge ``changes`` into ``base`` in place, section by section."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_nested(base[key], value)
+        else:
+            base[key] = value
+
+
+def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a config mapping, in place."""
     for item in overrides or []:
         if "=" not in item:
-            raise ValueError(f"override '{item}' must look like section.field=value")
+            raise ConfigError(f"override '{item}' must look like section.field=value")
         dotted, raw_value = item.split("=", 1)
-        _set_dotted(data, dotted.strip(), raw_value)
-    return PipelineConfig.model_validate(data)
+        keys = dotted.strip().split(".")
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:  # a section left out (or null) in the file: the override creates it
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item}: '{'.'.join(keys[: depth + 1])}' is not a section")
+            node = child
+        try:
+            node[keys[-1]] = yaml.safe_load(raw_value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item}: the value is not valid YAML ({exc})") from None
+    return data
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config YAML file as a mapping; refuses anything else with the file named."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path}: the top level must be a mapping of sections (assets, cache, train, runs, "
+            f"eval, ...), not a {type(data).__name__}"
+        )
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                model: type[PipelineConfig] = PipelineConfig) -> PipelineConfig:
+    """Load a pipeline YAML and apply ``a.b=c`` overrides (values parsed as YAML)."""
+    data = read_config_file(path) if path is not None else {}
+    return model.model_validate(apply_overrides(data, overrides))
 
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig:
-    path = PRESETS_DIR / f"{name}.yaml"
+def preset_path(name: str, directory: Path = PRESETS_DIR) -> Path:
+    path = directory / f"{name}.yaml"
     if not path.exists():
-        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no preset '{name}' in {PRESETS_DIR}; known presets: {known}")
-    return load_config(path, overrides)
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise FileNotFoundError(f"no preset '{name}' in {directory}; known presets: {known}")
+    return path
+
+
+def load_preset(name: str, overrides: list[str] | None = None) -> PipelineConfig:
+    return load_config(preset_path(name), overrides)

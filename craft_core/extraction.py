@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from craft_core.config import CacheConfig
+from craft_core.config import CacheConfig, semantic
+from craft_core.devices import resolve_device
 from craft_core.store import (
     AnchorStoreWriter,
     StoreLayout,
@@ -42,19 +43,9 @@ from craft_core.store import (
     worker_blocks,
 )
 
-# Config fields that change how fast, not what, is computed.
-NON_CONTENT_FIELDS = {"batch_size", "device", "num_workers"}
+STORE_NAME = "anchors.zarr"
 
 Progress = Callable[[int, int, dict], None]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"cache.device={device!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return resolved
 
 
 # ---------------------------------------------------------------- anchor selection
@@ -153,7 +144,9 @@ def dataset_identity(cfg: CacheConfig, dataset) -> dict:
 
 
 def cache_fingerprint(cfg: CacheConfig, teacher: dict, dataset: dict, compute: dict, chunk_anchors: int) -> str:
-    content = cfg.model_dump(mode="json", exclude=NON_CONTENT_FIELDS)
+    # Where and how fast it ran is not what it holds: the resolved device type and autocast are
+    # in `compute`, the shared non-semantic settings are dropped.
+    content = semantic(cfg.model_dump(mode="json", exclude={"device"}), "cache")
     content["chunk_anchors"] = chunk_anchors
     # The local path is where the teacher is, not what it is: its content digest identifies it.
     if "content" in teacher:
@@ -199,9 +192,9 @@ def extract_anchors(
     once every worker is done, :func:`craft_core.store.finalize_store` checks it and sets
     ``complete``. Without it the store is finalised here.
     """
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
 
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, field="cache.device")
     dataset = _load_dataset(cfg)
     selection = select_anchors(dataset, cfg)
     policy, preprocessor = _load_teacher(cfg, dataset, device)
@@ -213,7 +206,7 @@ def extract_anchors(
     teacher = teacher_identity(cfg, policy)
     data_id = dataset_identity(cfg, dataset)
     token_level = cfg.kind == "token_level"
-    if token_level and not hasattr(adapter, "teacher_action_token_labels"):
+    if token_level and not adapter.supports_token_labels:
         raise ValueError(
             f"cache.kind='token_level' needs the teacher's own action tokens, which craft can decode for "
             f"pi0_fast only, not for {adapter.policy_type}; use cache.kind='hidden_state'"
@@ -314,3 +307,9 @@ def extract_anchors(
     if shard is not None:
         return {"store_url": str(store_url), "shard": list(shard), "blocks_written": len(todo), "complete": False}
     return finalize_store(store_url)
+
+
+def cache_stage(cfg: CacheConfig, *, upstream: dict[str, dict], out_dir: Path, progress: Progress | None = None) -> dict:
+    """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr``; returns its StoreInfo."""
+    url = str(Path(out_dir) / STORE_NAME)
+    return {**extract_anchors(cfg, url, progress=progress), "store_url": url}

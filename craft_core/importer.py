@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from craft_core.adapters.base import ArraySpec
+from craft_core.policies.base import ArraySpec
 from craft_core.store import AnchorStoreWriter, StoreLayout, finalize_store, heldout_mask, store_fingerprint
 
 TARGET_KEYS = ("teacher_hidden", "target_features", "labels")

@@ -1,25 +1,20 @@
-"""Loading lerobot policies and their processors: hub ids and local folders, tiny or full size.
+"""Loading lerobot policies and their processors: hub ids and local folders.
 
 Everything goes through lerobot's own machinery (``PreTrainedConfig.from_pretrained``,
-``make_policy`` / ``<Policy>.from_pretrained``, ``make_pre_post_processors``). craft adds three
-things:
+``make_policy`` / ``<Policy>.from_pretrained``, ``make_pre_post_processors``). craft adds:
 
-- **tiny folders** (``craft_core.tiny.build_tiny_policy``) carry ``craft_tiny.json``; building a
-  policy from them must happen inside ``tiny_lerobot_models`` (pi0_fast hard-codes its backbone
-  size). ``policy_loading_context(path)`` enters it iff the folder is tiny and is a no-op
-  otherwise, so hub checkpoints load exactly as lerobot loads them. A checkpoint saved from a
-  tiny policy is recognised as tiny too: either it carries a copy of ``craft_tiny.json``
-  (``craft_core.tiny.copy_tiny_marker``) or its ``config.json`` points at tokenizers inside a
-  tiny folder.
-- **relocation**: tiny folders reference their local tokenizer folders by absolute path (lerobot
-  would resolve relative names against the working directory); when the folder has been moved,
-  ``load_policy_config`` and ``make_processors`` re-point them to ``<folder>/tokenizers/...``.
+- **revisions**: a hub id is materialised at its revision with ``snapshot_download`` and then
+  loaded as a local folder, so config, weights and processors all come from that revision
+  (pi0_fast's ``from_pretrained`` drops ``revision`` when it fetches its weights).
 - **checks** with clear errors: missing folder, no ``config.json``, unknown policy type, and
   weights that lerobot failed to load (pi0_fast's ``from_pretrained`` only prints a warning and
   returns a randomly initialised model).
-
-- **revisions**: a hub id is materialised at its revision with ``snapshot_download`` and then
-  loaded as a local folder, so config, weights and processors all come from that revision.
+- **folder plugins**: folders that lerobot cannot load as they are (craft's tiny offline demo
+  policies, whose backbone sizes lerobot hard-codes) are handled by plugins registered under the
+  entry-point group ``craft.policy_folders`` (see pyproject.toml). A plugin says whether it
+  recognises a folder and then supplies the context to load it in, config and processor
+  overrides, and the files a checkpoint saved from it must carry. Hub checkpoints and ordinary
+  folders match no plugin and load exactly as lerobot loads them. This module imports no plugin.
 
 Loading a teacher (frozen) and building a student (trainable copy) — the pattern for every stage::
 
@@ -35,42 +30,62 @@ Loading a teacher (frozen) and building a student (trainable copy) — the patte
 
     # or with lerobot's factory directly (what lerobot_train does), inside the loading context:
     from lerobot.policies.factory import make_policy
-    cfg = load_policy_config(source)     # pretrained_path = local folder (hub snapshot), tokenizers resolved
+    cfg = load_policy_config(source)     # pretrained_path = local folder (hub snapshot)
     with policy_loading_context(cfg.pretrained_path):
         student = make_policy(cfg, ds_meta=meta)
-
-A checkpoint saved (``save_pretrained``) from a policy loaded from a tiny folder keeps loading as
-tiny while the teacher folder exists (its config points at the teacher's tokenizers); to make it
-self-contained copy ``craft_tiny.json`` (``craft_core.tiny.copy_tiny_marker``) and the
-``tokenizers/`` folder next to it (``craft_core.checkpoint`` does both).
 """
 
+import functools
 import json
 import math
 from contextlib import contextmanager
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 
 from craft_core.config import PolicySource
-from craft_core.tiny.build import read_tiny_spec
 
 CONFIG_NAME = "config.json"
 PREPROCESSOR_CONFIG = "policy_preprocessor.json"
 
-# Config fields (per policy type) that name local tokenizer / backbone folders of tiny policies,
-# and the processor steps that repeat them: {field: [(step registry name, step field), ...]}.
-_TINY_PATH_FIELDS: dict[str, dict[str, list[tuple[str, str]]]] = {
-    "pi0_fast": {
-        "text_tokenizer_name": [
-            ("tokenizer_processor", "tokenizer_name"),
-            ("action_tokenizer_processor", "paligemma_tokenizer_name"),
-        ],
-        "action_tokenizer_name": [("action_tokenizer_processor", "action_tokenizer_name")],
-    },
-    "smolvla": {"vlm_model_name": [("tokenizer_processor", "tokenizer_name")]},
-}
+PLUGIN_GROUP = "craft.policy_folders"
+
+
+class PolicyFolderPlugin(Protocol):
+    """How a kind of local policy folder that lerobot cannot load as it is gets loaded."""
+
+    name: str
+
+    def recognises(self, folder: Path) -> bool: ...
+
+    def loading_context(self, folder: Path): ...  # a context manager
+
+    def config_overrides(self, folder: Path, config: Any) -> dict[str, Any]: ...
+
+    def processor_overrides(self, folder: Path, config: Any) -> dict[str, dict]: ...
+
+    def carry_files(self, source_folder: Path, pretrained_dir: Path) -> None: ...
+
+
+@functools.cache
+def folder_plugins() -> tuple[PolicyFolderPlugin, ...]:
+    """The installed ``craft.policy_folders`` plugins (entry points), loaded once."""
+    return tuple(entry.load() for entry in entry_points(group=PLUGIN_GROUP))
+
+
+def folder_plugin(path: str | Path | None) -> PolicyFolderPlugin | None:
+    """The plugin that recognises the local folder ``path``, or None (hub ids, ordinary folders)."""
+    if path is None:
+        return None
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return None
+    for plugin in folder_plugins():
+        if plugin.recognises(folder):
+            return plugin
+    return None
 
 
 class PolicyLoadError(RuntimeError):
@@ -133,66 +148,25 @@ def policy_type_of(source: PolicySource | str | Path) -> str:
     return policy_type
 
 
-def tiny_spec_of(path: str | Path) -> dict | None:
-    """``craft_tiny.json`` governing a local folder, or None (hub ids, full-size folders).
-
-    Looked for in the folder itself, then in the tiny folders its ``config.json`` points to (a
-    checkpoint of a fine-tuned tiny policy references the teacher's tokenizer folders).
-    """
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        return None
-    spec = read_tiny_spec(folder)
-    if spec is not None:
-        return spec
-    config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
-        return None
-    config = json.loads(config_file.read_text())
-    for field in _TINY_PATH_FIELDS.get(config.get("type"), {}):
-        value = config.get(field)
-        if not value or not Path(value).is_absolute():
-            continue
-        # <tiny folder>/tokenizers/<name>: the marker sits two levels up.
-        for ancestor in list(Path(value).parents)[:2]:
-            spec = read_tiny_spec(ancestor)
-            if spec is not None:
-                return spec
-    return None
-
-
 @contextmanager
-def policy_loading_context(path: str | Path | PolicySource | None) -> Iterator[dict | None]:
-    """Enter ``tiny_lerobot_models`` iff ``path`` is a tiny folder (yields its spec, else None)."""
+def policy_loading_context(path: str | Path | PolicySource | None) -> Iterator[Any]:
+    """The context a folder must be built/loaded in: its plugin's (yielding what the plugin's context
+    yields, e.g. a tiny folder's spec), or none (yielding None) for hub ids and ordinary folders."""
     if isinstance(path, PolicySource):
         path = path.path
-    spec = tiny_spec_of(path) if path is not None else None
-    if spec is None:
+    plugin = folder_plugin(path)
+    if plugin is None:
         yield None
         return
-    from craft_core.tiny.patching import tiny_lerobot_models
-
-    with tiny_lerobot_models(spec):
-        yield spec
+    with plugin.loading_context(Path(path).expanduser()) as value:
+        yield value
 
 
-def _tiny_path_overrides(folder: Path, config: dict | Any, spec: dict) -> dict[str, str]:
-    """Config fields to re-point at ``folder``'s own tokenizers when the recorded ones are gone."""
-    policy_type = spec["policy_type"]
-    relative = spec.get("tokenizers", {})
-    overrides = {}
-    for field in _TINY_PATH_FIELDS.get(policy_type, {}):
-        current = config.get(field) if isinstance(config, dict) else getattr(config, field, None)
-        if current and Path(current).exists():
-            continue
-        if field in relative and (folder / relative[field]).exists():
-            overrides[field] = str(folder / relative[field])
-        elif current:
-            raise PolicyLoadError(
-                f"tiny policy {folder}: {field}={current!r} does not exist and the folder has no "
-                f"{relative.get(field, 'tokenizers/...')}; rebuild it with craft_core.tiny.build_tiny_policy"
-            )
-    return overrides
+def carry_plugin_files(source_folder: str | Path | None, pretrained_dir: Path) -> None:
+    """Copy what a checkpoint saved from ``source_folder``'s policy needs to load on its own."""
+    plugin = folder_plugin(source_folder)
+    if plugin is not None:
+        plugin.carry_files(Path(source_folder), Path(pretrained_dir))
 
 
 def load_policy_config(source: PolicySource | str | Path):
@@ -201,8 +175,8 @@ def load_policy_config(source: PolicySource | str | Path):
     A hub id is materialised with ``snapshot_download(repo_id, revision=...)`` first, so that
     lerobot's loaders then read config, weights and processors of that revision (pi0_fast's
     ``from_pretrained`` drops ``revision`` when it fetches ``model.safetensors``).
-    ``pretrained_revision`` keeps the requested revision. For a moved tiny folder, tokenizer
-    paths are re-pointed at the folder's own copies.
+    ``pretrained_revision`` keeps the requested revision. A plugin folder gets its plugin's
+    config overrides (a moved tiny folder's tokenizer paths).
     """
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import get_policy_class  # noqa: F401  (registers every config class)
@@ -221,9 +195,13 @@ def load_policy_config(source: PolicySource | str | Path):
     cfg.pretrained_path = str(folder)
     if hasattr(cfg, "pretrained_revision"):
         cfg.pretrained_revision = source.revision
-    spec = tiny_spec_of(folder)
-    if spec is not None:
-        for field, value in _tiny_path_overrides(folder, cfg, spec).items():
+    plugin = folder_plugin(folder)
+    if plugin is not None:
+        try:
+            overrides = plugin.config_overrides(folder, cfg)
+        except FileNotFoundError as exc:
+            raise PolicyLoadError(str(exc)) from exc
+        for field, value in overrides.items():
             setattr(cfg, field, value)
     return cfg
 
@@ -336,14 +314,11 @@ def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_pat
     if dataset_stats is not None:
         pre_overrides["normalizer_processor"]["stats"] = dataset_stats
         post_overrides["unnormalizer_processor"]["stats"] = dataset_stats
-    spec = tiny_spec_of(folder) if folder is not None else None
-    if spec is not None:
-        # Tiny tokenizers are local folders: point every step that loads one at the policy's own
-        # (lerobot does not save action_tokenizer_processor's paligemma_tokenizer_name at all).
-        for field, steps in _TINY_PATH_FIELDS.get(cfg.type, {}).items():
-            for step, step_field in steps:
-                pre_overrides.setdefault(step, {})[step_field] = getattr(cfg, field)
-    # Some tiny processors resolve tokenizers through the patches too (pi0/pi05's PaliGemma name).
+    plugin = folder_plugin(folder)
+    if plugin is not None:
+        for step, fields in plugin.processor_overrides(folder, cfg).items():
+            pre_overrides.setdefault(step, {}).update(fields)
+    # Plugin processors may resolve tokenizers inside the loading context (tiny pi0's PaliGemma name).
     with policy_loading_context(folder):
         return make_pre_post_processors(
             cfg,

@@ -1,29 +1,31 @@
-"""The training stage: one loop for CRaFT and for the baseline (the same loop, retention off).
+"""The train stage: one loop for CRaFT and for the baseline (the same loop, retention off).
 
 Read it top to bottom. It is lerobot's own training recipe (``lerobot_train.py``): ``make_policy``
 (through ``craft_core.policy_io``), the policy's pre/post processors, a ``LeRobotDataset`` with the
 policy's delta timestamps, lerobot's episode-aware sampler, ``make_optimizer_and_scheduler`` with
 the policy's presets, ``accelerate`` for devices / DDP / mixed precision, and lerobot's checkpoint
-layout. CRaFT adds one thing: every K-th step is a *retention step* (DESIGN.md, "The method"):
+layout. CRaFT adds one thing: every K-th step is a *retention step* (docs/ARCHITECTURE.md, "The
+method"), done by :func:`update_policy` like lerobot's own ``update_policy``:
 
     g_t   task gradient: policy.forward's loss on a task batch, backward through the (DDP) model
-    g_r   retention gradient: student's pooled hidden states on a batch of stored anchor inputs
-          vs the teacher's cached vectors, ``autograd.grad`` on the *unwrapped* model (so DDP's
-          hooks stay quiet), then averaged over ranks like DDP averages g_t
+    g_r   retention gradient: the student against the teacher's cached targets on a batch of stored
+          anchor inputs, ``autograd.grad`` on the *unwrapped* model (so DDP's hooks stay quiet),
+          then averaged over ranks like DDP averages g_t
     .grad <- surgery(g_t, g_r): conflict test on the cosine, PCGrad, merge with λ
     λ     <- clip(λ + η (L_ret - ε(t)), 0, λ_max), with L_ret averaged over ranks
 
-Every other step is a plain task step.
+Every other step is a plain task step. ``cfg.retention`` is the one switch: ``None`` trains the
+baseline.
 """
 
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 from craft_core.checkpoint import (
     check_same_run,
@@ -32,127 +34,85 @@ from craft_core.checkpoint import (
     pretrained_model_dir,
     save_checkpoint,
 )
-from craft_core.config import PolicySource, TrainConfig
+from craft_core.config import PolicySource, TrainConfig, semantic
+from craft_core.devices import resolve_device
 from craft_core.distributed import all_reduce_gradients_, mean_across_ranks
-from craft_core.dual import EpsilonSchedule, LagrangeMultiplier
 from craft_core.metrics import MetricsLog, plot_training
-from craft_core.surgery import apply_gradient_surgery, retention_gradients
+from craft_core.retention import Retention, RetentionSetupError, open_retention
+from craft_core.surgery import SurgeryStats, apply_gradient_surgery, retention_gradients
 
 ProgressFn = Callable[[int, int, dict], None]
+
+__all__ = ["NonFiniteLossError", "RetentionSetupError", "StepStats", "train", "train_stage", "update_policy"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many steps had a non-finite loss or gradient; the run stopped."""
 
 
-class RetentionSetupError(RuntimeError):
-    """Retention is on but the anchor store cannot be used for this student (never falls back)."""
-
-
 # --------------------------------------------------------------------------------------------
-# Anchors: batches of (stored model inputs, teacher targets) and the loss that compares them.
+# One optimisation step.
 # --------------------------------------------------------------------------------------------
 
 
-class Anchors:
-    """The anchor store as the training loop sees it.
+@dataclass
+class StepStats:
+    task_loss: float
+    grad_norm: float
+    retention_loss: float | None = None
+    surgery: SurgeryStats | None = None
+    good: bool = True  # False: a non-finite loss or gradient, the step was skipped
 
-    ``batches(start)`` yields ``(inputs, targets)`` forever from the store's training split in
-    chunk-aware order, skipping the first ``start`` batches (resume) without reading them. Every
-    rank draws the same global batch and keeps its own slice, so N ranks together see exactly the
-    batch that one process with N times the anchor batch size sees. ``targets`` are the teacher's
-    pooled hidden states ``[B, L, V, D]`` (``hidden_state``) or its label tokens (``token_level``).
+
+def _all_finite(*values: float | None) -> bool:
+    return all(v is None or math.isfinite(v) for v in values)
+
+
+def retention_step(retention: Retention, params: list[torch.nn.Parameter], task_loss: float) -> tuple[float, SurgeryStats | None]:
+    """g_r on the next anchor batch, merged into ``.grad`` (which holds g_t) by gradient surgery.
+
+    Returns the rank-averaged retention loss and the surgery statistics (None when a loss is not
+    finite: the step will be skipped, so nothing is merged).
     """
-
-    def __init__(self, store_url: str, *, kind: str, layers: list[int], pooling: list[str], batch_size: int,
-                 seed: int, rank: int, world_size: int, shuffle_window_chunks: int):
-        from craft_core.store import AnchorDataset
-
-        self.dataset = AnchorDataset(store_url, split="train", validate=False)  # validated by open_anchors
-        self.kind = kind
-        self.layers = layers
-        self.pooling = pooling
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self.sampler = self.dataset.sampler(batch_size * world_size, window_chunks=shuffle_window_chunks,
-                                            shuffle=True, drop_last=True, seed=seed)
-        if len(self.sampler) == 0:
-            raise RetentionSetupError(
-                f"anchor store {store_url} has {len(self.dataset)} training anchors, fewer than one batch of "
-                f"train.retention.anchor_batch_size={batch_size} x {world_size} process(es); lower "
-                "anchor_batch_size or build a larger cache (cache.n_anchors)"
-            )
-
-    def batches(self, start: int = 0) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
-        done, epoch = 0, 0
-        while True:
-            self.sampler.set_epoch(epoch)
-            for positions in self.sampler:
-                done += 1
-                if done <= start:
-                    continue
-                mine = positions[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-                batch = torch.utils.data.default_collate(self.dataset.__getitems__(mine))
-                yield batch["inputs"], batch["teacher_hidden" if self.kind == "hidden_state" else "labels"]
-            epoch += 1
-
-    def loss(self, adapter, inputs: dict[str, Tensor], targets: Tensor, kind: str) -> Tensor:
-        from craft_core.losses import retention_loss
-
-        if self.kind == "token_level":
-            # The policy's own loss on the teacher's label tokens (distillation of its outputs).
-            return adapter.token_level_loss(inputs, targets)
-        student = adapter.pooled(inputs, self.layers, self.pooling)
-        return retention_loss(student, targets.to(student.device), kind)
+    loss = retention.next_loss()
+    grads = retention_gradients(loss, params)
+    all_reduce_gradients_(grads, params)
+    loss_value = mean_across_ranks(loss.item())
+    surgery = None
+    if _all_finite(task_loss, loss_value):
+        surgery = apply_gradient_surgery(params, grads, lam=retention.lam.value, merge=retention.cfg.merge,
+                                         conflict_threshold=retention.cfg.conflict_threshold)
+    del grads
+    return loss_value, surgery
 
 
-def open_anchors(store_url: str, *, adapter, teacher: PolicySource, cfg: TrainConfig, rank: int,
-                 world_size: int) -> Anchors:
-    """Open and validate the anchor store for this student; refuse anything that does not fit."""
-    from craft_core.store import AnchorStoreError, open_anchor_store
+def update_policy(policy, batch: dict, *, step: int, optimizer, lr_scheduler, accelerator,
+                  params: list[torch.nn.Parameter], grad_clip_norm: float, retention: Retention | None) -> StepStats:
+    """One training step, as lerobot's ``update_policy`` plus CRaFT's retention step every K steps."""
+    from lerobot.utils.utils import has_method
 
-    try:
-        # Checks completeness, schema, kind, policy type, depth, hidden size and the prefix inputs.
-        store = open_anchor_store(store_url, student_adapter=adapter)
-    except AnchorStoreError as exc:
-        raise RetentionSetupError(
-            f"retention is on but the anchor store cannot be used (craft never falls back to baseline "
-            f"training): {exc}"
-        ) from exc
-    attrs = store.attrs
-    problems = []
-    if store.kind == "token_level" and not hasattr(adapter, "token_level_loss"):
-        problems.append(f"it is a token_level cache but policy type {adapter.policy_type!r} has no token-level "
-                        "loss; use a hidden_state cache")
-    stored_teacher = attrs.get("teacher") or {}
-    if not _same_policy_source(stored_teacher, teacher):
-        problems.append(f"its teacher is {stored_teacher.get('path')!r} (revision {stored_teacher.get('revision')!r})"
-                        f" but the student starts from {teacher.path!r} (revision {teacher.revision!r})")
-    layers = list(attrs.get("layers") or [])
-    if store.kind == "hidden_state":
-        try:
-            if adapter.resolve_layers(layers) != layers:
-                problems.append(f"its layers {layers} are not absolute hidden-state indices of the student")
-        except ValueError as exc:
-            problems.append(f"its layers {layers} do not fit the student: {exc}")
-    if problems:
-        raise RetentionSetupError(
-            f"anchor store {store_url} does not fit this run: " + "; ".join(problems)
-            + ". Re-run the cache stage with this run's teacher or point train at the matching store; "
-            "craft never falls back to baseline training."
-        )
-    return Anchors(store_url, kind=store.kind, layers=layers, pooling=list(attrs.get("pooling") or []),
-                   batch_size=cfg.retention.anchor_batch_size, seed=cfg.seed, rank=rank,
-                   world_size=world_size, shuffle_window_chunks=cfg.retention.shuffle_window_chunks)
+    with accelerator.autocast():
+        task_loss, _ = policy(batch)
+    accelerator.backward(task_loss)
+    stats = StepStats(task_loss=mean_across_ranks(task_loss.item()), grad_norm=float("nan"))
 
+    is_retention_step = retention is not None and retention.is_retention_step(step)
+    if is_retention_step:
+        stats.retention_loss, stats.surgery = retention_step(retention, params, stats.task_loss)
 
-def _same_policy_source(stored: dict, teacher: PolicySource) -> bool:
-    def canonical(path) -> str:
-        local = Path(str(path)).expanduser()
-        return str(local.resolve()) if local.exists() else str(path)
-
-    return canonical(stored.get("path")) == canonical(teacher.path) and stored.get("revision") == teacher.revision
+    stats.grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf")))
+    stats.good = _all_finite(stats.task_loss, stats.retention_loss, stats.grad_norm)
+    if stats.good:
+        optimizer.step()
+        if is_retention_step:
+            retention.lam.update(stats.retention_loss, retention.epsilon(step))
+    optimizer.zero_grad(set_to_none=True)
+    if lr_scheduler is not None:  # None without the policy's training preset (constant lr)
+        lr_scheduler.step()
+    student = accelerator.unwrap_model(policy)
+    if has_method(student, "update"):
+        student.update()
+    return stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,15 +124,11 @@ def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is {cfg.device!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    device = resolve_device(cfg.device, field="train.device")
     # As lerobot: the scheduler steps once per optimizer step whatever the world size, and
     # find_unused_parameters because VLA forwards skip parts of the model (e.g. the action expert).
     return Accelerator(
-        cpu=device == "cpu",
+        cpu=device.type == "cpu",
         mixed_precision=cfg.mixed_precision,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -205,22 +161,45 @@ class _OptimizerSettings:
             self.optimizer.grad_clip_norm = cfg.grad_clip_norm
 
 
-def _run_description(cfg: TrainConfig, teacher: PolicySource, store_url: str | None, retention: bool) -> dict:
+def _run_description(cfg: TrainConfig, teacher: PolicySource, store_url: str | None) -> dict:
     """What must match for a checkpoint in out_dir to be resumed by this call."""
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": semantic(cfg, "train"),
         "teacher": teacher.model_dump(mode="json"),
-        "store_url": store_url if retention else None,
-        "retention": retention,
+        "store_url": store_url if cfg.retention is not None else None,
+        "retention": cfg.retention is not None,
     }
 
 
-def _all_finite(*values: float | None) -> bool:
-    return all(v is None or math.isfinite(v) for v in values)
+def _task_dataloader(cfg: TrainConfig, dataset, policy, *, pin_memory: bool):
+    """lerobot's episode-aware sampler: data order is a pure function of (seed, epoch), resumable."""
+    from lerobot.datasets import EpisodeAwareSampler
+
+    sampler = EpisodeAwareSampler(
+        dataset.meta.episodes["dataset_from_index"],
+        dataset.meta.episodes["dataset_to_index"],
+        episode_indices_to_use=dataset.episodes,
+        drop_n_last_frames=getattr(policy.config, "drop_n_last_frames", 0),
+        shuffle=True,
+        seed=cfg.seed,
+        absolute_to_relative_idx=dataset.absolute_to_relative_idx,
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        drop_last=False,
+        pin_memory=pin_memory,
+        # Its own generator: creating a loader iterator must not draw from the global RNG, or a
+        # resumed run's random stream (dropout, flow-matching noise) would be shifted.
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    return sampler, dataloader
 
 
 # --------------------------------------------------------------------------------------------
-# The stage.
+# The loop.
 # --------------------------------------------------------------------------------------------
 
 
@@ -230,31 +209,34 @@ def train(
     teacher: PolicySource,
     store_url: str | None,
     out_dir: Path,
-    retention: bool = True,
     progress: ProgressFn | None = None,
+    role: str | None = None,
 ) -> dict:
-    """Fine-tune a student initialised from ``teacher`` on ``cfg.dataset``; CRaFT when ``retention``."""
+    """Fine-tune a student initialised from ``teacher`` on ``cfg.dataset``; CRaFT unless ``cfg.retention`` is None.
+
+    ``role`` only names the run in its log line and plot (default: CRaFT / baseline).
+    """
     from lerobot.common.train_utils import get_step_checkpoint_dir, should_save_checkpoint
-    from lerobot.datasets import EpisodeAwareSampler, compute_sampler_state
+    from lerobot.datasets import compute_sampler_state
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
     from lerobot.optim.factory import make_optimizer_and_scheduler
     from lerobot.utils.random_utils import set_seed
-    from lerobot.utils.utils import cycle, has_method
+    from lerobot.utils.utils import cycle
     from tqdm import tqdm
 
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy, make_processors
 
     wall_start = time.time()
     out_dir = Path(out_dir).absolute()
-    use_retention = retention and cfg.retention.enabled
-    if use_retention and not store_url:
+    role = role or ("CRaFT" if cfg.retention is not None else "baseline")
+    if cfg.retention is not None and not store_url:
         raise RetentionSetupError(
-            "retention is on (train.retention.enabled) but no anchor store was given (store_url); run the "
-            "cache stage first, or train with retention=False for the baseline. craft never falls back silently."
+            "retention is on (train.retention is set) but no anchor store was given (store_url); run the cache "
+            "stage first, or set train.retention to null for plain fine-tuning. craft never falls back silently."
         )
-    run = _run_description(cfg, teacher, store_url, use_retention)
+    run = _run_description(cfg, teacher, store_url)
     resume_from = last_checkpoint(out_dir)
     if resume_from is not None:
         check_same_run(resume_from, run)
@@ -277,53 +259,27 @@ def train(
                              video_backend=ds.video_backend)
 
     # Retention: validate the anchor store against the student before anything trains.
-    adapter = get_adapter(policy) if use_retention else None
-    anchors = None
-    if use_retention:
-        anchors = open_anchors(store_url, adapter=adapter, teacher=teacher, cfg=cfg,
-                               rank=accelerator.process_index, world_size=accelerator.num_processes)
-    cache_type = anchors.kind if anchors else None
-    rcfg = cfg.retention
-    lam = LagrangeMultiplier(rcfg.lambda_init, rcfg.lambda_lr, rcfg.lambda_max)
-    epsilon = EpsilonSchedule(rcfg.eps_start, rcfg.eps_end, rcfg.eps_decay_steps, rcfg.eps_schedule,
-                              total_steps=cfg.steps)
+    retention = None
+    if cfg.retention is not None:
+        retention = open_retention(cfg.retention, store_url, adapter=get_adapter(policy), teacher=teacher,
+                                   seed=cfg.seed, total_steps=cfg.steps, rank=accelerator.process_index,
+                                   world_size=accelerator.num_processes)
+    cache_type = retention.cache_type if retention else None
 
     optimizer_settings = _OptimizerSettings(cfg, policy)
     optimizer, lr_scheduler = make_optimizer_and_scheduler(optimizer_settings, policy)
     grad_clip_norm = optimizer_settings.optimizer.grad_clip_norm or 0.0
-
-    # Data order is a pure function of (seed, epoch): lerobot's sampler, resumable to the sample.
-    sampler = EpisodeAwareSampler(
-        dataset.meta.episodes["dataset_from_index"],
-        dataset.meta.episodes["dataset_to_index"],
-        episode_indices_to_use=dataset.episodes,
-        drop_n_last_frames=getattr(policy.config, "drop_n_last_frames", 0),
-        shuffle=True,
-        seed=cfg.seed,
-        absolute_to_relative_idx=dataset.absolute_to_relative_idx,
-    )
-    dataloader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        sampler=sampler,
-        num_workers=cfg.num_workers,
-        drop_last=False,
-        pin_memory=accelerator.device.type == "cuda",
-        # Its own generator: creating a loader iterator must not draw from the global RNG, or a
-        # resumed run's random stream (dropout, flow-matching noise) would be shifted.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    sampler, dataloader = _task_dataloader(cfg, dataset, policy, pin_memory=accelerator.device.type == "cuda")
     policy, optimizer, dataloader, lr_scheduler = accelerator.prepare(policy, optimizer, dataloader, lr_scheduler)
     student = accelerator.unwrap_model(policy)
     params = [p for p in student.parameters() if p.requires_grad]
 
-    step, skipped_nonfinite, anchor_batches_done = 0, 0, 0
+    step, skipped_nonfinite = 0, 0
     if resume_from is not None:
         step, state = load_checkpoint_state(resume_from, optimizer, lr_scheduler)
-        lam.load_state_dict(state["lambda"])
-        epsilon.load_state_dict(state["epsilon"])
+        if retention is not None:
+            retention.load_state_dict(state)
         skipped_nonfinite = state["skipped_nonfinite"]
-        anchor_batches_done = state["anchor_batches"]
         sampler.load_state_dict(compute_sampler_state(step, len(sampler), cfg.batch_size, accelerator.num_processes))
     last_checkpoint_dir = resume_from
 
@@ -332,105 +288,74 @@ def train(
     if is_main:
         metrics = MetricsLog(metrics_path, resume_step=step, wandb_project=cfg.wandb_project,
                              wandb_config=run, run_name=out_dir.name)
-        print(f"[craft train] {'CRaFT' if use_retention else 'baseline'} run, cache_type={cache_type}, "
-              f"steps {step}->{cfg.steps}, {accelerator.num_processes} process(es) on {accelerator.device}")
-    progress_bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+        print(f"[craft train] {role}{f', cache_type={cache_type}' if cache_type else ''}: steps {step}->{cfg.steps}, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device}")
+    progress_bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, desc=role, dynamic_ncols=True)
 
     data_iter = cycle(dataloader)
-    anchor_iter = anchors.batches(start=anchor_batches_done) if anchors else None
     last_task_loss = float("nan")
-    record: dict = {}
     policy.train()
     try:
         while step < cfg.steps:
             step_start = time.perf_counter()
-            is_retention_step = anchors is not None and step % rcfg.every_k == 0
-            eps_t = epsilon(step)
+            eps_t = retention.epsilon(step) if retention else None
             lr = optimizer.param_groups[0]["lr"]
-
-            # g_t: the policy's own loss on a task batch, backward through the (DDP) model.
             batch = preprocessor(next(data_iter))
-            with accelerator.autocast():
-                task_loss, _ = policy(batch)
-            accelerator.backward(task_loss)
-            task_loss_value = mean_across_ranks(task_loss.item())
-
-            # g_r: retention loss on an anchor batch, on the unwrapped model, averaged over ranks.
-            retention_loss_value, surgery = None, None
-            if is_retention_step:
-                anchor_inputs, anchor_targets = next(anchor_iter)
-                anchor_batches_done += 1
-                retention_loss = anchors.loss(adapter, anchor_inputs, anchor_targets, rcfg.loss)
-                retention_grads = retention_gradients(retention_loss, params)
-                all_reduce_gradients_(retention_grads, params)
-                retention_loss_value = mean_across_ranks(retention_loss.item())
-                if _all_finite(task_loss_value, retention_loss_value):
-                    surgery = apply_gradient_surgery(params, retention_grads, lam=lam.value, merge=rcfg.merge,
-                                                     conflict_threshold=rcfg.conflict_threshold)
-                del retention_grads
-
-            grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf")))
-            good_step = _all_finite(task_loss_value, retention_loss_value, grad_norm)
-            if good_step:
-                optimizer.step()
-                if is_retention_step:
-                    lam.update(retention_loss_value, eps_t)
-                last_task_loss = task_loss_value
+            stats = update_policy(policy, batch, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                  accelerator=accelerator, params=params, grad_clip_norm=grad_clip_norm,
+                                  retention=retention)
+            if stats.good:
+                last_task_loss = stats.task_loss
             else:
                 skipped_nonfinite += 1
-            optimizer.zero_grad(set_to_none=True)
-            if lr_scheduler is not None:  # None without the policy's training preset (constant lr)
-                lr_scheduler.step()
-            if has_method(student, "update"):
-                student.update()
             step += 1
 
             step_time = time.perf_counter() - step_start
             record = {
                 "step": step,
-                "task_loss": task_loss_value,
-                "retention_loss": retention_loss_value,
-                "lambda": lam.value if anchors else None,
-                "epsilon": eps_t if anchors else None,
-                "grad_cosine": surgery.cosine if surgery else None,
-                "projected": surgery.projected if surgery else None,
-                "grad_norm": grad_norm,
+                "task_loss": stats.task_loss,
+                "retention_loss": stats.retention_loss,
+                "lambda": retention.lam.value if retention else None,
+                "epsilon": eps_t,
+                "grad_cosine": stats.surgery.cosine if stats.surgery else None,
+                "projected": stats.surgery.projected if stats.surgery else None,
+                "grad_norm": stats.grad_norm,
                 "lr": lr,
                 "step_time_s": step_time,
                 "samples_per_s": cfg.batch_size * accelerator.num_processes / step_time,
                 "cache_type": cache_type,
-                "retention_step": is_retention_step,
-                "skipped_nonfinite": not good_step,
+                "retention_step": stats.retention_loss is not None,
+                "skipped_nonfinite": not stats.good,
             }
             if is_main:
                 metrics.log(record)
                 progress_bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    progress_bar.set_postfix(task_loss=f"{task_loss_value:.4g}", lam=record["lambda"])
+                    progress_bar.set_postfix(task_loss=f"{stats.task_loss:.4g}", lam=record["lambda"])
                     if progress is not None:
                         progress(step, cfg.steps, record)
 
             if skipped_nonfinite > cfg.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{skipped_nonfinite} training steps had a non-finite loss or gradient (latest: step {step}, "
-                    f"task loss {task_loss_value}, retention loss {retention_loss_value}, grad norm {grad_norm}), "
-                    f"more than train.max_nonfinite_steps={cfg.max_nonfinite_steps}; stopping. Last good checkpoint: "
-                    f"{last_checkpoint_dir or 'none written yet'}. Lower train.lr or check the data for NaNs."
+                    f"task loss {stats.task_loss}, retention loss {stats.retention_loss}, grad norm "
+                    f"{stats.grad_norm}), more than train.max_nonfinite_steps={cfg.max_nonfinite_steps}; stopping. "
+                    f"Last good checkpoint: {last_checkpoint_dir or 'none written yet'}. Lower train.lr or check "
+                    "the data for NaNs."
                 )
 
             if should_save_checkpoint(step, cfg.save_every, cfg.steps):
                 accelerator.wait_for_everyone()
                 if is_main:
+                    craft_state = {"step": step, "skipped_nonfinite": skipped_nonfinite, "cache_type": cache_type,
+                                   **(retention.state_dict() if retention else {}),
+                                   # Informational: resume recomputes it from (step, batch size, world size).
+                                   "task_data_position": compute_sampler_state(
+                                       step, len(sampler), cfg.batch_size, accelerator.num_processes)}
                     save_checkpoint(
                         out_dir, step, cfg.steps,
                         policy=student, preprocessor=preprocessor, postprocessor=postprocessor,
-                        optimizer=optimizer, scheduler=lr_scheduler,
-                        craft_state={"step": step, "lambda": lam.state_dict(), "epsilon": epsilon.state_dict(),
-                                     "skipped_nonfinite": skipped_nonfinite, "anchor_batches": anchor_batches_done,
-                                     "cache_type": cache_type,
-                                     # Informational: resume recomputes it from (step, batch size, world size).
-                                     "task_data_position": compute_sampler_state(
-                                         step, len(sampler), cfg.batch_size, accelerator.num_processes)},
+                        optimizer=optimizer, scheduler=lr_scheduler, craft_state=craft_state,
                         run=run, num_processes=accelerator.num_processes, batch_size=cfg.batch_size,
                         policy_source_dir=Path(source.path) if Path(source.path).is_dir() else None,
                     )
@@ -448,21 +373,30 @@ def train(
         logged = [r["task_loss"] for r in read_metrics(metrics_path) if isinstance(r.get("task_loss"), float)]
         last_task_loss = logged[-1] if logged else last_task_loss
     plot_path = out_dir / "training_plot.png"
+    checkpoints = sorted(p for p in (out_dir / "checkpoints").glob("[0-9]*") if p.is_dir())
     result = {
         "checkpoint": str(pretrained_model_dir(last_checkpoint_dir)),
+        "checkpoints": {str(int(c.name)): str(pretrained_model_dir(c)) for c in checkpoints},
         "steps": step,
         "final_task_loss": last_task_loss,
         "metrics": str(metrics_path),
         "plot": str(plot_path),
-        "retention": use_retention,
+        "retention": retention is not None,
         "cache_type": cache_type,
-        "final_lambda": lam.value if anchors else None,
+        "final_lambda": retention.lam.value if retention else None,
         "skipped_nonfinite_steps": skipped_nonfinite,
         "wall_time_s": time.time() - wall_start,
         "num_processes": accelerator.num_processes,
     }
     if is_main:
-        plot_training(metrics_path, plot_path, title=f"{'CRaFT' if use_retention else 'baseline'} — {out_dir.name}")
+        plot_training(metrics_path, plot_path, title=role)
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     accelerator.wait_for_everyone()
     return result
+
+
+def train_stage(cfg: TrainConfig, *, teacher: PolicySource, upstream: dict[str, dict], out_dir: Path,
+                progress: ProgressFn | None = None) -> dict:
+    """The pipeline's train stage (one run): the anchor store comes from the cache stage's result."""
+    store_url = upstream["cache"]["store_url"] if cfg.retention is not None else None
+    return train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress)

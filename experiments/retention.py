@@ -50,7 +50,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from craft_core.fingerprint import StageDir, code_version, run_stage, stage_fingerprint  # noqa: E402
+from craft_core.pipeline.fingerprint import StageDir, code_version, run_stage, stage_fingerprint  # noqa: E402
 from craft_core.config import (  # noqa: E402
     AssetsConfig,
     CacheConfig,
@@ -160,7 +160,7 @@ def _digest(*parts) -> str:
 
 def _measurement_code() -> list[str]:
     """Code versions a measured result depends on, so a code change never reuses a stale result."""
-    return [code_version(m) for m in ("craft_core.assets", "craft_core.extraction", "craft_core.train",
+    return [code_version(m) for m in ("craft_core.demo.assets", "craft_core.extraction", "craft_core.train",
                                       "craft_core.evaluation.drift")]
 
 
@@ -216,12 +216,12 @@ def build_teacher(cfg: ExperimentConfig, policy_type: str, work: Path, log) -> d
     """Datasets + tiny policy (build_demo_assets), then pretraining on task A's training episodes."""
     config = {"policy_type": policy_type, "data": cfg.data.model_dump(mode="json"),
               "teacher": cfg.teacher.model_dump(mode="json")}
-    return _cached_stage(work, f"{policy_type}/teacher", config, "craft_core.assets",
+    return _cached_stage(work, f"{policy_type}/teacher", config, "craft_core.demo.assets",
                          lambda out: _build_teacher(cfg, policy_type, out, log))
 
 
 def _build_teacher(cfg: ExperimentConfig, policy_type: str, out: Path, log) -> dict:
-    from craft_core.assets import build_demo_assets
+    from craft_core.demo.assets import build_demo_assets
     from craft_core.train import train
 
     assets = build_demo_assets(

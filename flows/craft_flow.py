@@ -6,8 +6,9 @@
     python flows/craft_flow.py --preset pi0fast_libero --print-params   # JSON for `prefect deployment run`
 
 The flow's one parameter is the pipeline config (a pydantic model), so Prefect validates it and
-draws the run form from its schema. Every stage output is content-addressed (see tasks.plan):
-a stage whose output is complete is not run again, and Prefect shows its task as Cached.
+draws the run form from its schema. The stages and their order come from the pipeline's stage
+graph (``craft_core.pipeline``); every stage output is content-addressed, so a stage whose output
+is complete is not run again, and Prefect shows its task as Cached.
 """
 
 # No `from __future__ import annotations` here: Prefect validates the flow parameter from the
@@ -28,74 +29,39 @@ if __name__ == "__main__" and not os.environ.get("PREFECT_API_URL"):
 from prefect import flow
 
 from craft_core.config import STAGES, PipelineConfig, load_config, load_preset
-from tasks.common import run_logger
-from tasks.isolation import uses_cuda
-from tasks.plan import StagePlan, StageRef, plan_pipeline, resolve_assets
-from tasks.stages import assets_task, cache_task, eval_task, train_task
+from craft_core.pipeline import StageRef, assets_dir, existing_ref, isolate_stage, plan_pipeline
+from tasks.common import run_logger, stage_task_options
+from tasks.stages import run_stage_task
 
 DEFAULT_PRESET = "demo"
 
 
-def _stage_options(plan: StagePlan) -> dict:
-    # A cached Prefect result is only trusted while the output it points to is complete; if the
-    # directory was deleted or is partial, refresh the cache so the stage really runs.
-    options = {"name": plan.stage, "task_run_name": plan.stage}
-    if not plan.stage_dir().is_complete():
-        options["refresh_cache"] = True
-    return options
-
-
-def _isolate(config: PipelineConfig, device: str) -> bool:
-    if config.isolation == "process":
-        return True
-    return config.isolation == "auto" and uses_cuda(device)
-
-
 @flow(name="craft", log_prints=True)
 def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
-    """Run the CRaFT pipeline; stages whose content-addressed output exists are skipped."""
+    """Run the CRaFT pipeline; stages whose content-addressed output exists are skipped.
+
+    Only the selected stages (``config.stages``) run; a stage they consume that is not selected
+    must already have a complete output for this config.
+    """
     logger = run_logger()
     plans = plan_pipeline(config)
-    selected = set(config.stages)
+    selected = [plan for plan in plans.values() if plan.section in config.stages]
     refs: dict[str, StageRef] = {}
 
-    def existing(stage: str) -> StageRef:
-        plan = plans[stage]
-        return StageRef(stage=stage, fingerprint=plan.fingerprint, path=plan.path, result=plan.stage_dir().result())
+    def ref_of(stage: str) -> StageRef:
+        if stage not in refs:  # consumed but not selected: its output for this config must exist
+            refs[stage] = existing_ref(plans[stage])
+            logger.info("stage %s not selected; using its output %s", stage, plans[stage].path)
+        return refs[stage]
 
-    def run(stage: str, task_fn, **kwargs) -> None:
-        plan = plans[stage]
-        if plan.group in selected:
-            refs[stage] = task_fn.with_options(**_stage_options(plan))(plan, **kwargs)
-        else:
-            refs[stage] = existing(stage)  # not selected: its output for this config must exist
-            logger.info("stage %s not selected; using its output %s", stage, plan.path)
-
-    assets_dir = plans["assets"].path if "assets" in plans else None
-    if "assets" in plans:
-        run("assets", assets_task, cfg=config.assets, isolate=_isolate(config, config.assets.device))
-
-    cache_cfg = resolve_assets(config.cache, assets_dir)
-    train_cfg = resolve_assets(config.train, assets_dir)
-    eval_cfg = resolve_assets(config.eval, assets_dir)
-    teacher = cache_cfg.teacher
-
-    def upstream_of(stage: str) -> dict[str, StageRef]:
-        return {name: refs[name] for name in plans[stage].upstream}
-
-    run("cache", cache_task, cfg=cache_cfg, upstream=upstream_of("cache"), isolate=_isolate(config, cache_cfg.device))
-    train_isolate = _isolate(config, train_cfg.device)
-    if "train_baseline" in plans:
-        run("train_baseline", train_task, cfg=train_cfg, teacher=teacher, upstream=upstream_of("train_baseline"),
-            retention=False, isolate=train_isolate)
-    run("train_craft", train_task, cfg=train_cfg, teacher=teacher, upstream=upstream_of("train_craft"),
-        retention=True, isolate=train_isolate)
-    if "eval" in selected or plans["eval"].stage_dir().is_complete():
-        run("eval", eval_task, cfg=eval_cfg, teacher=teacher, upstream=upstream_of("eval"),
-            isolate=_isolate(config, eval_cfg.device))
+    for index, plan in enumerate(selected, start=1):
+        logger.info("stage %d/%d: %s", index, len(selected), plan.stage)
+        upstream = {stage: ref_of(stage) for stage in plan.upstream}
+        task = run_stage_task.with_options(**stage_task_options(plan))
+        refs[plan.stage] = task(plan, upstream, assets_dir(plans), isolate_stage(config, plan))
 
     summary = {
-        "artifacts_root": plans["cache"].artifacts_root,
+        "artifacts_root": next(iter(plans.values())).artifacts_root,
         "stages": {stage: {"fingerprint": ref.fingerprint, "path": ref.path} for stage, ref in refs.items()},
     }
     if "eval" in refs:

@@ -1,9 +1,10 @@
 """What every stage task shares: the fingerprint cache key, progress artifacts, the stage summary.
 
-Prefect's cache key of a stage task is the stage's content fingerprint (see ``tasks.plan``) and
-nothing else: no RUN_ID, no task source, no hashed inputs. So a task is Cached exactly when its
-content-addressed output is, whether the flow runs as a script, from a deployment or under
-``serve()``; and the key can never collide across stages or artifact roots.
+Prefect's cache key of a stage task is the stage's content fingerprint (see
+``craft_core.pipeline.graph``) and nothing else: no RUN_ID, no task source, no hashed inputs. So a
+task is Cached exactly when its content-addressed output is, whether the flow runs as a script,
+from a deployment or under ``serve()``; and the key can never collide across stages or artifact
+roots.
 """
 
 import base64
@@ -16,9 +17,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
-from craft_core.fingerprint import run_stage
-from tasks.isolation import call_stage
-from tasks.plan import StagePlan, StageRef
+from craft_core.pipeline import StagePlan, StageRef
 
 RETRY_DELAY_S = 10
 
@@ -27,17 +26,30 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["plan"].cache_key
 
 
-def stage_task(name: str, *, gpu: bool, retries: int = 1) -> Callable:
-    """A stage task: fingerprint-keyed cache, persisted (small) result, tags for concurrency limits."""
-    tags = ["craft", f"craft-{name}"] + (["gpu"] if gpu else [])
+def stage_task(fn: Callable) -> Callable:
+    """A stage task: fingerprint-keyed cache, persisted (small) result; per-stage name and tags
+    (``gpu`` for concurrency limits) are set with ``stage_task_options``."""
     return task(
-        name=name,
-        tags=tags,
-        retries=retries,
+        name="craft-stage",
+        retries=1,
         retry_delay_seconds=RETRY_DELAY_S,
         cache_key_fn=stage_cache_key,
         persist_result=True,
-    )
+    )(fn)
+
+
+def stage_task_options(plan: StagePlan) -> dict:
+    """Name, tags and cache behaviour of one stage's task run."""
+    options = {
+        "name": plan.stage,
+        "task_run_name": plan.stage,
+        "tags": ["craft", f"craft-{plan.section}"] + (["gpu"] if plan.gpu else []),
+    }
+    # A cached Prefect result is only trusted while the output it points to is complete; if the
+    # directory was deleted or is partial, refresh the cache so the stage really runs.
+    if not plan.stage_dir().is_complete():
+        options["refresh_cache"] = True
+    return options
 
 
 def artifact_key(*parts: str) -> str:
@@ -112,26 +124,6 @@ def image_markdown(path: str | Path, title: str) -> str:
     """A PNG inlined as a data URI, so the plot shows in the Prefect UI without a file server."""
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n"
-
-
-def execute_stage(plan: StagePlan, function_path: str, kwargs: dict, *, isolate: bool) -> tuple[StageRef, bool]:
-    """Run a craft_core stage into its content-addressed dir (or reuse a complete one)."""
-    logger = run_logger()
-    stage_dir = plan.stage_dir()
-    progress = ProgressArtifact(plan)
-
-    def work(out_dir: Path) -> dict:
-        logger.info("stage %s -> %s (%s)", plan.stage, out_dir, "own process" if isolate else "in process")
-        return call_stage(function_path, kwargs, isolate=isolate, progress=progress)
-
-    result, executed = run_stage(stage_dir, work, config=plan.config, upstream=plan.upstream, code=plan.code_version)
-    if executed and progress.last is not None:
-        done, total, metrics = progress.last
-        progress.min_interval_s = 0.0
-        progress(total, total, metrics)
-    if not executed:
-        logger.info("stage %s: complete output found at %s, not re-running", plan.stage, stage_dir.path)
-    return StageRef(stage=plan.stage, fingerprint=plan.fingerprint, path=str(stage_dir.path), result=result), executed
 
 
 def publish_summary(plan: StagePlan, ref: StageRef, executed: bool, extra: str = "") -> None:

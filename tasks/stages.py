@@ -1,8 +1,9 @@
-"""One thin Prefect task per stage: run (or reuse) the stage's output, publish UI artifacts.
+"""The Prefect task of every stage: run (or reuse) the stage's output, publish UI artifacts.
 
-Each task takes its ``StagePlan`` (fingerprint + directory, computed by the flow up front), its
-resolved config section and the upstream ``StageRef``s, and returns a ``StageRef``. Passing the
-upstream refs as arguments is what draws the dependency graph in the Prefect UI.
+One task function serves every stage (``run_stage_task``): it runs the stage through
+``craft_core.pipeline.execute_stage`` (the same call the experiments make), relays progress to a
+progress artifact, and publishes the stage's summary (training plot, eval tables and report).
+Passing the upstream ``StageRef``s as arguments is what draws the dependency graph in the UI.
 """
 
 import json
@@ -10,68 +11,45 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from craft_core.config import AssetsConfig, CacheConfig, EvalConfig, PolicySource, TrainConfig
-from tasks.common import artifact_key, execute_stage, image_markdown, publish_summary, stage_task
-from tasks.plan import StagePlan, StageRef
-from tasks.stage_functions import store_url
+from craft_core.pipeline import StagePlan, StageRef, execute_stage
+from tasks.common import ProgressArtifact, artifact_key, image_markdown, publish_summary, run_logger, stage_task
 
 
-@stage_task("assets", gpu=False)
-def assets_task(plan: StagePlan, cfg: AssetsConfig, isolate: bool = False) -> StageRef:
-    ref, executed = execute_stage(
-        plan, "tasks.stage_functions.build_assets", {"cfg": cfg, "out_dir": plan.path}, isolate=isolate
-    )
+@stage_task
+def run_stage_task(plan: StagePlan, upstream: dict[str, StageRef], assets: str | None, isolate: bool) -> StageRef:
+    logger = run_logger()
+    progress = ProgressArtifact(plan)
+    logger.info("stage %s -> %s (%s)", plan.stage, plan.path, "own process" if isolate else "in process")
+    ref, executed = execute_stage(plan, upstream, assets=assets, isolate=isolate, progress=progress)
+    if executed and progress.last is not None:
+        done, total, metrics = progress.last
+        progress.min_interval_s = 0.0
+        progress(total, total, metrics)
+    if not executed:
+        logger.info("stage %s: complete output found at %s, not re-running", plan.stage, plan.path)
+    PUBLISHERS[plan.section](plan, ref, executed)
+    return ref
+
+
+def _publish_assets(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     datasets = ref.result.get("datasets", {})
     extra = "\n".join(
         f"- {key}: `{d['repo_id']}` ({d.get('frames', '?')} frames) at `{d['root']}`" for key, d in datasets.items()
     )
     publish_summary(plan, ref, executed, extra=f"teacher: `{ref.result.get('teacher')}`\n\n{extra}")
-    return ref
 
 
-@stage_task("cache", gpu=True)
-def cache_task(plan: StagePlan, cfg: CacheConfig, upstream: dict[str, StageRef], isolate: bool = False) -> StageRef:
-    ref, executed = execute_stage(
-        plan, "tasks.stage_functions.extract", {"cfg": cfg, "out_dir": plan.path}, isolate=isolate
-    )
+def _publish_cache(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     publish_summary(plan, ref, executed)
-    return ref
 
 
-@stage_task("train", gpu=True)
-def train_task(plan: StagePlan, cfg: TrainConfig, teacher: PolicySource, upstream: dict[str, StageRef],
-               retention: bool, isolate: bool = False) -> StageRef:
-    """``train_baseline`` (retention off, no anchor store) or ``train_craft``."""
-    store = store_url(upstream["cache"].path) if retention else None
-    kwargs = {"cfg": cfg, "teacher": teacher, "store": store, "out_dir": plan.path, "retention": retention}
-    ref, executed = execute_stage(plan, "tasks.stage_functions.train_run", kwargs, isolate=isolate)
+def _publish_train(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     plot = ref.result.get("plot")
     extra = image_markdown(plot, f"{plan.stage} training") if plot and Path(plot).is_file() else ""
     publish_summary(plan, ref, executed, extra=extra)
-    return ref
 
 
-@stage_task("eval", gpu=True)
-def eval_task(plan: StagePlan, cfg: EvalConfig, teacher: PolicySource, upstream: dict[str, StageRef],
-              isolate: bool = False) -> StageRef:
-    runs = {"teacher": teacher.path}
-    train_results = {}
-    for name in ("baseline", "craft"):
-        train_ref = upstream.get(f"train_{name}")
-        if train_ref is not None:
-            runs[name] = train_ref.result["checkpoint"]
-            train_results[name] = train_ref.result
-    kwargs = {
-        "cfg": cfg,
-        "runs": runs,
-        "teacher": teacher,
-        "store": store_url(upstream["cache"].path),
-        "out_dir": plan.path,
-        "train_results": train_results,
-        "fingerprints": {ref.stage: ref.fingerprint for ref in upstream.values()} | {"eval": plan.fingerprint},
-    }
-    ref, executed = execute_stage(plan, "tasks.stage_functions.evaluate_runs", kwargs, isolate=isolate)
-
+def _publish_eval(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     report = json.loads(Path(ref.result["report_json"]).read_text())
     create_table_artifact(eval_rows(report), key=artifact_key("craft", "eval", "results"),
                           description="Simulation and drift results per run")
@@ -80,7 +58,9 @@ def eval_task(plan: StagePlan, cfg: EvalConfig, teacher: PolicySource, upstream:
     create_markdown_artifact(Path(ref.result["report_md"]).read_text(), key=artifact_key("craft", "report"),
                              description=f"craft evaluation report ({ref.result['report_json']})")
     publish_summary(plan, ref, executed, extra=f"report: `{ref.result['report_md']}`")
-    return ref
+
+
+PUBLISHERS = {"assets": _publish_assets, "cache": _publish_cache, "train": _publish_train, "eval": _publish_eval}
 
 
 def eval_rows(report: dict) -> list[dict]:

@@ -1,9 +1,10 @@
-"""Stage 3: evaluate fine-tuned checkpoints in simulation and by drift from the teacher.
+"""Stage 3: evaluate fine-tuned checkpoints in simulation, by drift from the teacher, and by loss.
 
 ``evaluate`` loads each run's ``pretrained_model`` folder with lerobot, rolls it out in the
 configured sim envs through lerobot's ``eval_policy_all`` (sim.py), measures how far its pooled
-hidden states moved from the teacher's on the anchor store's held-out anchors (drift.py) and
-writes ``report.json`` + ``report.md`` with a comparison table of the runs (report.py).
+hidden states moved from the teacher's on the anchor store's held-out anchors and on further
+frame sets (drift.py), measures its own loss on held-out frames (action_loss.py: forgetting in
+loss), and writes ``report.json`` + ``report.md`` with a comparison table of the runs (report.py).
 """
 
 import gc
@@ -15,7 +16,9 @@ from pathlib import Path
 import torch
 
 import craft_core
-from craft_core.config import EvalConfig, PolicySource
+from craft_core.config import CacheConfig, EvalConfig, PolicySource
+from craft_core.devices import resolve_device
+from craft_core.evaluation.action_loss import HeldoutActionLoss
 from craft_core.evaluation.drift import DriftAccumulator, measure_drift
 from craft_core.evaluation.report import comparison_rows, render_markdown, write_report
 from craft_core.evaluation.sim import (
@@ -29,8 +32,10 @@ from craft_core.evaluation.sim import (
 __all__ = [
     "CheckpointError",
     "DriftAccumulator",
+    "HeldoutActionLoss",
     "SimulatorUnavailableError",
     "comparison_rows",
+    "eval_stage",
     "evaluate",
     "load_checkpoint",
     "measure_drift",
@@ -44,14 +49,6 @@ REPORT_SCHEMA = "craft.eval/1"
 
 class CheckpointError(ValueError):
     """A run's checkpoint folder is missing, incomplete or does not load."""
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"eval.device={device!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return device
 
 
 def run_source(name: str, path: str, teacher: PolicySource | None) -> PolicySource:
@@ -124,9 +121,15 @@ def evaluate(
     out_dir: Path,
     train_results: dict[str, dict] | None = None,
     fingerprints: dict[str, str] | None = None,
+    drift_stores: dict[str, str] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
-    """Evaluate every run; writes out_dir/report.json, report.md and videos/; returns the report."""
+    """Evaluate every run; writes out_dir/report.json, report.md and videos/; returns the report.
+
+    ``drift_stores`` (name -> eval-only store URL, see :func:`extract_drift_sets`) adds drift on
+    every anchor of those stores; ``train_results`` (run -> the train stage's result) adds the final
+    task loss and, with ``cfg.every_checkpoint``, curves over the run's saved checkpoints.
+    """
     from craft_core.evaluation.drift import open_heldout
     from craft_core.policy_io import policy_loading_context, policy_type_of
 
@@ -142,10 +145,25 @@ def evaluate(
         raise ValueError(f"eval.sim lists the same env/task twice ({keys}); give each entry its own task")
     sources = {name: run_source(name, path, teacher) for name, path in runs.items()}
     heldout = open_heldout(store_url) if cfg.drift and store_url else None
-    if heldout is not None:
+    drift_sets = {name: open_heldout(url, split="all") for name, url in (drift_stores or {}).items()}
+    for anchors in filter(None, [heldout, *drift_sets.values()]):
         for name, source in sources.items():
-            heldout.check_policy_type(policy_type_of(source), name)
-    device = resolve_device(cfg.device)
+            anchors.check_policy_type(policy_type_of(source), name)
+    device = str(resolve_device(cfg.device, field="eval.device"))
+    action_losses = {
+        loss.name: HeldoutActionLoss(teacher, loss.dataset, batch_size=cfg.loss_batch_size, seed=cfg.loss_seed)
+        for loss in cfg.action_loss
+    } if teacher is not None else {}
+    if cfg.action_loss and teacher is None:
+        raise ValueError("eval.action_loss needs the teacher (its pipeline preprocesses the held-out frames)")
+
+    def measure(policy) -> dict:
+        """Losses and drifts of one loaded policy: the numbers of a report row or a curve point."""
+        row = {f"{name}_loss": loss(policy) for name, loss in action_losses.items()}
+        for name, anchors in drift_sets.items():
+            drift = anchors.drift(policy, anchors.for_policy(policy), cfg.drift_batch_size)
+            row[f"drift_{name}"], row[f"drift_{name}_cosine"] = drift["mse"], drift["cosine"]
+        return row
 
     report: dict = {
         "schema": REPORT_SCHEMA,
@@ -159,6 +177,8 @@ def evaluate(
         "runs": {},
         "sim": {},
         "drift": {},
+        "measures": {},
+        "curves": {},
         "train": {},
         "fingerprints": dict(fingerprints or {}),
         "timings": {},
@@ -166,7 +186,8 @@ def evaluate(
     if cfg.drift and heldout is None:
         report["drift_skipped"] = "no anchor store was given"
 
-    total = len(sources) * (len(cfg.sim) + (heldout is not None))
+    has_measures = bool(action_losses or drift_sets)
+    total = len(sources) * (len(cfg.sim) + (heldout is not None) + has_measures)
     done = 0
     sim_seconds = drift_seconds = 0.0
     for name, source in sources.items():
@@ -200,17 +221,89 @@ def evaluate(
                 done += 1
                 if progress:
                     progress(done, total, {"run": name, "drift_mse": report["drift"][name]["mse"]})
+            if has_measures:
+                report["measures"][name] = measure(policy)
+                done += 1
+                if progress:
+                    progress(done, total, {"run": name, **report["measures"][name]})
             del policy, preprocessor, postprocessor, anchors
             gc.collect()
+        if cfg.every_checkpoint and name in (train_results or {}):
+            report["curves"][name] = _curve(name, train_results[name], heldout, measure, cfg.drift_batch_size)
 
     for name, result in (train_results or {}).items():
         if name in report["runs"]:
             report["train"][name] = {
                 key: result.get(key) for key in ("final_task_loss", "steps", "cache_type", "checkpoint")
             }
+    report["drift_sets"] = {name: anchors.info["n_anchors"] for name, anchors in drift_sets.items()}
+    report["action_loss_frames"] = {name: loss.n_frames for name, loss in action_losses.items()}
     report["timings"] = {
         "sim_s": sim_seconds,
         "drift_s": drift_seconds,
         "total_s": time.perf_counter() - started,
     }
     return write_report(report, out_dir)
+
+
+def _curve(name: str, train_result: dict, heldout, measure, drift_batch_size: int) -> list[dict]:
+    """Losses and drifts at every checkpoint a run saved, in step order."""
+    from craft_core.policy_io import load_policy, policy_loading_context
+
+    points = []
+    for step, path in sorted(train_result.get("checkpoints", {}).items(), key=lambda item: int(item[0])):
+        with policy_loading_context(path):
+            policy = load_policy(run_source(name, path, None))
+            point = {"step": int(step), **measure(policy)}
+            if heldout is not None:
+                point["drift_anchors"] = heldout.drift(policy, heldout.for_policy(policy), drift_batch_size)["mse"]
+        points.append(point)
+        del policy
+        gc.collect()
+    return points
+
+
+DRIFT_STORES_DIR = "drift_sets"
+
+
+def extract_drift_sets(cfg: EvalConfig, *, teacher: PolicySource, store_info: dict, out_dir: Path) -> dict[str, str]:
+    """Eval-only anchor stores on ``cfg.drift_sets`` frames, with the cache's layers and pooling.
+
+    Built with the cache stage's own extraction into ``out_dir/drift_sets/<name>.zarr`` (resumed
+    like any store), so the teacher's targets there are computed exactly as the cache's are.
+    """
+    from craft_core.extraction import extract_anchors
+
+    stores = {}
+    for drift_set in cfg.drift_sets:
+        url = str(Path(out_dir) / DRIFT_STORES_DIR / f"{drift_set.name}.zarr")
+        extract_anchors(CacheConfig(
+            teacher=teacher, dataset=drift_set.dataset, n_anchors=drift_set.n_anchors, heldout_fraction=0.0,
+            layers=list(store_info["layers"]), pooling=list(store_info["pooling"]),
+            dtype=store_info.get("dtype") or "float32", device=cfg.device, seed=0,
+        ), url)
+        stores[drift_set.name] = url
+    return stores
+
+
+def eval_stage(cfg: EvalConfig, *, teacher: PolicySource, runs: list[str], upstream: dict[str, dict], out_dir: Path,
+               progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """The pipeline's eval stage: the teacher, every fine-tuning run and the reference runs."""
+    from craft_core.evaluation.report import comparison_rows
+
+    out_dir = Path(out_dir)
+    cache = upstream["cache"]
+    train_results = {run: upstream[f"train_{run}"] for run in runs}
+    checkpoints = {"teacher": teacher.path, **{run: result["checkpoint"] for run, result in train_results.items()},
+                   **cfg.reference_runs}
+    drift_stores = extract_drift_sets(cfg, teacher=teacher, store_info=cache, out_dir=out_dir)
+    fingerprints = {stage: result["stage"]["fingerprint"] for stage, result in upstream.items() if "stage" in result}
+    report = evaluate(cfg, runs=checkpoints, teacher=teacher, store_url=cache["store_url"], out_dir=out_dir,
+                      train_results=train_results, fingerprints=fingerprints, drift_stores=drift_stores,
+                      progress=progress)
+    return {
+        "report_json": str(out_dir / "report.json"),
+        "report_md": str(out_dir / "report.md"),
+        "comparison": comparison_rows(report),
+        "runs": sorted(report["runs"]),
+    }

@@ -74,7 +74,7 @@ def measure_drift(
     ``autocast`` ("bfloat16") repeats the extraction's CUDA autocast, so that the teacher is
     compared with vectors computed the way it computes them (else bf16-vs-fp32 noise reads as drift).
     """
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
 
     adapter = get_adapter(policy)
     accumulator = DriftAccumulator(layers, pooling)
@@ -99,10 +99,11 @@ def measure_drift(
 class HeldoutAnchors:
     """The held-out split of an anchor store, validated once, measured per evaluated policy."""
 
-    def __init__(self, store_url: str):
+    def __init__(self, store_url: str, split: str = "heldout"):
         from craft_core.store import open_anchor_store
 
         store = open_anchor_store(store_url)
+        self.split = split
         self.url = store.url
         self.info = store.info()
         if store.kind != "hidden_state":
@@ -110,7 +111,7 @@ class HeldoutAnchors:
                 f"anchor store {self.url} is a {store.kind} cache: it holds no teacher hidden states to measure "
                 f"drift against. Point eval at a hidden_state store, or set eval.drift=false."
             )
-        if self.info["n_heldout"] == 0:
+        if split == "heldout" and self.info["n_heldout"] == 0:
             raise ValueError(
                 f"anchor store {self.url} has no held-out anchors, so drift cannot be measured without using "
                 f"training anchors. Re-run the cache stage with cache.heldout_fraction > 0, or set eval.drift=false."
@@ -132,15 +133,16 @@ class HeldoutAnchors:
 
     def for_policy(self, policy):
         """The held-out anchors as the policy will read them; fails now if they do not fit it."""
-        from craft_core.adapters import get_adapter
-        from craft_core.store import AnchorDataset
+        from craft_core.policies import get_adapter
+        from craft_core.store import AnchorDataset, check_fits_student
 
-        # Checks policy type, depth, hidden size and prefix input spec against the store's teacher;
-        # values were validated when the store was opened.
-        return AnchorDataset(self.url, split="heldout", validate=False, student_adapter=get_adapter(policy))
+        dataset = AnchorDataset(self.url, split=self.split, validate=False)  # validated when opened
+        # Policy type, depth, hidden size, prefix inputs and layers against the store's teacher.
+        check_fits_student(dataset.store, get_adapter(policy))
+        return dataset
 
     def drift(self, policy, dataset, batch_size: int) -> dict:
-        """Drift of ``policy`` on every held-out anchor of ``dataset`` (from :meth:`for_policy`)."""
+        """Drift of ``policy`` on every anchor of ``dataset``'s split (from :meth:`for_policy`)."""
         batches = (
             (batch["inputs"], batch["teacher_hidden"]) for batch in dataset.loader(batch_size, shuffle=False)
         )
@@ -150,5 +152,5 @@ class HeldoutAnchors:
         return result
 
 
-def open_heldout(store_url: str) -> HeldoutAnchors:
-    return HeldoutAnchors(store_url)
+def open_heldout(store_url: str, split: str = "heldout") -> HeldoutAnchors:
+    return HeldoutAnchors(store_url, split)

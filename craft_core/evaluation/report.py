@@ -24,6 +24,8 @@ def comparison_rows(report: dict) -> list[dict]:
         if report.get("drift"):
             row["drift mse"] = drift["mse"] if drift else None
             row["drift cosine"] = drift["cosine"] if drift else None
+        for key, value in report.get("measures", {}).get(run, {}).items():
+            row[key.replace("_", " ")] = value
         if report.get("train"):
             row["final task loss"] = report["train"].get(run, {}).get("final_task_loss")
         rows.append(row)

@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from craft_core.config import CacheConfig, DatasetSource, PolicySource
-from craft_core.store import AnchorStoreError, finalize_store, open_anchor_store
+from craft_core.store import AnchorStoreError, check_fits_student, finalize_store, open_anchor_store
 
 ARRAYS = ("teacher_hidden", "inputs/images", "inputs/image_masks", "inputs/lang_tokens", "inputs/lang_masks",
           "provenance/episode_index", "provenance/frame_index", "provenance/task", "split/heldout")
@@ -60,11 +60,12 @@ def assert_same_store(url: str, reference: str) -> None:
 def test_store_holds_what_the_teacher_saw_and_a_copy_reproduces_it(reference_store, cache_cfg, anchor_dataset):
     from lerobot.datasets import LeRobotDataset
 
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy
     from craft_core.store import AnchorDataset
 
-    store = open_anchor_store(reference_store, expect_kind="hidden_state", n_anchors=12)
+    store = open_anchor_store(reference_store)
+    assert store.kind == "hidden_state" and store.n_anchors == 12
     info = store.info()
     assert info["layers"] == [1, 2] and info["depth"] == 2  # [-2, -1] resolved against the tiny backbone
     assert info["n_heldout"] == 3 and info["dtype"] == "float32"
@@ -83,8 +84,8 @@ def test_store_holds_what_the_teacher_saw_and_a_copy_reproduces_it(reference_sto
     # Keystone: a student copy of the teacher, fed the stored inputs, reproduces the stored vectors.
     student = load_policy(cache_cfg.teacher, device="cpu")
     adapter = get_adapter(student)
-    open_anchor_store(reference_store, student_adapter=adapter, layers=[-2, -1])
-    anchors = AnchorDataset(reference_store, split="all", student_adapter=adapter)
+    check_fits_student(open_anchor_store(reference_store), adapter, layers=[-2, -1])
+    anchors = AnchorDataset(reference_store, split="all")
     batch = torch.utils.data.default_collate(anchors.__getitems__(list(range(12))))
     with torch.no_grad():
         pooled = adapter.pooled(batch["inputs"], info["layers"], info["pooling"])
@@ -186,7 +187,7 @@ def test_another_config_on_an_existing_store_is_refused(cache_cfg, reference_sto
 
 
 def test_token_level_cache_holds_the_teachers_own_tokens(cache_cfg, tmp_path):
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
     from craft_core.extraction import extract_anchors
     from craft_core.policy_io import load_policy
     from craft_core.store import AnchorDataset
@@ -196,11 +197,11 @@ def test_token_level_cache_holds_the_teachers_own_tokens(cache_cfg, tmp_path):
     url = str(tmp_path / "tokens.zarr")
     info = extract_anchors(cfg, url)
     assert info["kind"] == "token_level" and set(info["labels_spec"]) == {"action_tokens", "action_token_mask"}
-    with pytest.raises(AnchorStoreError, match="token_level cache but the requested retention mode needs a hidden_state"):
-        open_anchor_store(url, expect_kind="hidden_state")
+    assert open_anchor_store(url).kind == "token_level"
 
     adapter = get_adapter(load_policy(cfg.teacher, device="cpu"))
-    batch = torch.utils.data.default_collate(AnchorDataset(url, split="all", student_adapter=adapter).__getitems__([0, 1, 2, 3]))
+    check_fits_student(open_anchor_store(url), adapter)
+    batch = torch.utils.data.default_collate(AnchorDataset(url, split="all").__getitems__([0, 1, 2, 3]))
     with torch.no_grad():
         again = adapter.teacher_action_token_labels(batch["inputs"])
     assert torch.equal(batch["labels"]["action_tokens"], again["action_tokens"])

@@ -69,7 +69,8 @@ def test_import_hidden_state_cache(tmp_path):
     np.testing.assert_array_equal(read(url, "teacher_hidden"), source["teacher_hidden"].numpy())
     assert read(url, "provenance/task").tolist() == sum(source["prompts"], [])
 
-    store = open_anchor_store(url, expect_kind="hidden_state")
+    store = open_anchor_store(url)
+    assert store.kind == "hidden_state"
     error = store.attrs["source"]["pixel_quantisation_max_error"]
     assert 0 < error <= 1 / 255 + 1e-6  # half a uint8 step in [-1, 1] units
     assert len(store.heldout_indices) == 1 and len(store.train_indices) == 12
@@ -96,8 +97,7 @@ def test_import_token_level_cache(tmp_path):
     np.testing.assert_array_equal(read(url, "labels/labels"), source["labels"].numpy())
     sample = AnchorDataset(url, split="all")[7]
     assert torch.equal(sample["labels"]["labels"], source["labels"][7])
-    with pytest.raises(AnchorStoreError, match="token_level cache but the requested retention mode needs a hidden_state"):
-        open_anchor_store(url, expect_kind="hidden_state")
+    assert open_anchor_store(url).kind == "token_level"
 
 
 def test_interrupted_import_resumes_to_the_same_store(tmp_path):

@@ -14,8 +14,8 @@ from craft_core.policy_io import (
     make_processors,
     policy_loading_context,
     policy_type_of,
-    tiny_spec_of,
 )
+from craft_core.demo.tiny import tiny_spec_of
 
 
 def pusht_observation(pusht_datasets, policy) -> dict:
@@ -142,7 +142,7 @@ def test_weights_that_lerobot_fails_to_load_are_an_error(tiny_pi0_fast, tmp_path
 
 
 def test_unknown_adapter_type_lists_supported_types(tiny_pi0_fast):
-    from craft_core.adapters import adapter_class, get_adapter
+    from craft_core.policies import adapter_class, get_adapter
 
     with pytest.raises(ValueError, match=r"'act'.*supported: \[.*'pi0_fast'.*'smolvla'"):
         adapter_class("act")

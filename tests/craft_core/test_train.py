@@ -40,11 +40,12 @@ def make_anchor_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Pa
 def train_config(repo_id: str, root: Path, **overrides) -> TrainConfig:
     retention = dict(every_k=2, anchor_batch_size=4, lambda_init=1.0, lambda_lr=0.5, lambda_max=10.0,
                      eps_start=0.02, eps_end=0.01, eps_schedule="linear")
-    retention.update(overrides.pop("retention", {}))
+    changes = overrides.pop("retention", {})
+    retention.update(changes or {})
     base = dict(
         dataset=DatasetSource(repo_id=repo_id, root=str(root)), steps=4, batch_size=2, lr=1e-3,
         device="cpu", save_every=2, log_every=1, seed=0, num_workers=0,
-        retention=RetentionConfig(**retention),
+        retention=None if changes is None else RetentionConfig(**retention),  # None: the baseline
     )
     base.update(overrides)
     return TrainConfig(**base)
@@ -160,8 +161,8 @@ def test_baseline_is_the_same_loop_without_retention(tiny_pi0_fast, pusht_datase
 
     repo_id, root = task_dataset(pusht_datasets)
     cfg = train_config(repo_id, root, steps=2, save_every=10)
-    result = train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=None, out_dir=tmp_path,
-                   retention=False)
+    result = train(cfg.model_copy(update={"retention": None}), teacher=PolicySource(path=str(tiny_pi0_fast)),
+                   store_url=None, out_dir=tmp_path)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["retention_loss"] is None and r["lambda"] is None and r["cache_type"] is None for r in records)
@@ -176,11 +177,12 @@ def test_without_the_policy_preset_lr_is_constant_and_checkpoints_resume(tiny_pi
 
     repo_id, root = task_dataset(pusht_datasets)
     teacher = PolicySource(path=str(tiny_pi0_fast))
-    cfg = train_config(repo_id, root, steps=2, save_every=1, lr=3e-4, use_policy_training_preset=False)
-    train(cfg, teacher=teacher, store_url=None, out_dir=tmp_path, retention=False)
+    cfg = train_config(repo_id, root, steps=2, save_every=1, lr=3e-4, use_policy_training_preset=False,
+                       retention=None)
+    train(cfg, teacher=teacher, store_url=None, out_dir=tmp_path)
     longer = cfg.model_copy(update={"steps": 3})
     with pytest.raises(Exception, match="steps"):  # a changed config is refused on resume, naming the field
-        train(longer, teacher=teacher, store_url=None, out_dir=tmp_path, retention=False)
+        train(longer, teacher=teacher, store_url=None, out_dir=tmp_path)
     records = read_metrics(tmp_path)
     assert [r["lr"] for r in records] == [3e-4, 3e-4]
     assert not (tmp_path / "checkpoints" / "000002" / "training_state" / "scheduler_state.json").exists()
@@ -305,7 +307,7 @@ def make_token_level_store(teacher_dir: Path, repo_id: str, root: Path, store_ur
     """A token_level store through the store's writer: stored prefix inputs + the teacher's greedy FAST tokens."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy, make_processors
     from craft_core.store import AnchorStoreWriter, StoreLayout
 
@@ -336,9 +338,10 @@ def make_token_level_store(teacher_dir: Path, repo_id: str, root: Path, store_ur
 
 
 def test_token_level_cache_uses_the_policys_own_loss_on_teacher_labels(tiny_pi0_fast, pusht_datasets, tmp_path):
-    from craft_core.adapters import get_adapter
+    from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy
-    from craft_core.train import Anchors, train
+    from craft_core.retention import Anchors
+    from craft_core.train import train
 
     store = make_token_level_store(tiny_pi0_fast, *retained_dataset(pusht_datasets), tmp_path / "tokens.zarr")
     repo_id, root = task_dataset(pusht_datasets)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from craft_core.config import PipelineConfig, load_preset
-from craft_core.fingerprint import IncompleteStageError
+from craft_core.pipeline.fingerprint import IncompleteStageError
 from flows.craft_flow import DEFAULT_PRESET, config_from_args, craft, parse_args
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from craft_core.config import load_preset
-from craft_core.fingerprint import StageDir
+from craft_core.pipeline.fingerprint import StageDir
 from deployments.local_stack import LocalPrefect
 
 STAGE_UNITS = {"assets", "cache", "train_baseline", "train_craft", "eval"}

@@ -143,7 +143,7 @@ def test_pusht_teacher_vs_finetuned_report(pusht_runs, tmp_path):
 
 @pytest.fixture(scope="module")
 def aloha_teacher(aloha_dataset, tmp_path_factory) -> Path:
-    from craft_core.tiny import build_tiny_policy
+    from craft_core.demo.tiny import build_tiny_policy
 
     return build_tiny_policy(
         "pi0_fast", tmp_path_factory.mktemp("eval_aloha") / "teacher", ds_meta=aloha_dataset["meta"], seed=0

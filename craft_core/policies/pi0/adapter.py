@@ -1,0 +1,73 @@
+"""pi0's prefix: every camera's SigLIP tokens, then the language prompt (state stays in the suffix).
+
+lerobot's ``PI0Pytorch.embed_prefix(images, img_masks, lang_tokens, lang_masks)`` lays the prefix
+out as the image tokens of each camera in turn (empty cameras included, masked out), then the
+right-padded language tokens. The robot state is *not* in pi0's prefix: ``embed_suffix`` projects
+it into the action expert's stream, so it is not an anchor input. (pi05, which subclasses this
+adapter in ``craft_core.policies.pi05``, discretises the state into the prompt instead.)
+
+Stored per anchor (``input_spec``; cameras and prompt are built by ``craft_core.policies.camera_prompt``,
+shared with the other VLA adapters):
+
+- ``images`` ``[n_cameras, 3, H, W]`` uint8: each camera after the policy's own
+  ``_preprocess_images`` (resize-with-pad to ``image_resolution``), mapped from the model's
+  [-1, 1] back to [0, 255]; cameras missing from the batch are lerobot's -1 padding (stored 0).
+  The order is the one ``_preprocess_images`` returns: cameras present in the batch, then missing.
+- ``image_masks`` ``[n_cameras]`` bool: real camera (True) or lerobot's empty-camera padding.
+- ``lang_tokens`` ``[tokenizer_max_length]`` int32 and ``lang_masks`` bool: the preprocessor's
+  tokenised prompt and its attention mask.
+
+Rebuilding turns the uint8 images into [0, 1] floats the way lerobot's datasets do (``/ 255``) and
+hands them to ``_preprocess_images`` again, so the [-1, 1] conversion is the policy's own.
+
+Hidden states come from the prefix-only pass of lerobot's own inference (``sample_actions``
+prefills the KV cache with ``paligemma.model.language_model.forward`` over ``embed_prefix``'s
+embeddings, its 2D attention mask made 4D and ``cumsum(pad_masks) - 1`` positions, eager
+attention); here the same call also returns ``output_hidden_states``: entry 0 is the embeddings,
+entry i the output of block i, the last entry the output after the final norm.
+"""
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from craft_core.policies.camera_prompt import PaliGemmaCameraPromptAdapter
+from craft_core.policies.base import PrefixHiddenStates
+
+
+class PI0Adapter(PaliGemmaCameraPromptAdapter):
+    policy_type = "pi0"
+
+    def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:
+        from lerobot.policies.common.vla_utils import make_att_2d_masks, prepare_attention_masks_4d
+
+        absolute = self.resolve_layers(layers)
+        images, image_masks, tokens, masks = self.model_inputs(inputs)
+        embeddings, pad_masks, att_masks = self.policy.model.embed_prefix(images, image_masks, tokens, masks)
+
+        # The prefix pass of lerobot's sample_actions, keeping the hidden states.
+        attention_4d = prepare_attention_masks_4d(make_att_2d_masks(pad_masks, att_masks))
+        position_ids = torch.cumsum(pad_masks, dim=1) - 1
+        language_model = self._language_model
+        language_model.config._attn_implementation = "eager"  # noqa: SLF001 - as sample_actions sets it
+        output = language_model.forward(
+            inputs_embeds=embeddings,
+            attention_mask=attention_4d,
+            position_ids=position_ids,
+            past_key_values=None,
+            use_cache=False,
+            adarms_cond=None,
+            output_hidden_states=True,
+        )
+        hidden = torch.stack([output.hidden_states[i] for i in absolute], dim=1)
+
+        # embed_prefix appends the language embeddings after all image tokens; pad_masks carries
+        # the camera masks (empty cameras False) and the prompt's attention mask.
+        n_positions, n_language = pad_masks.shape[1], tokens.shape[1]
+        is_language = torch.arange(n_positions, device=pad_masks.device) >= n_positions - n_language
+        return PrefixHiddenStates(
+            hidden=hidden,
+            image_mask=pad_masks & ~is_language,
+            text_mask=pad_masks & is_language,
+        )

@@ -1,0 +1,1 @@
+"""The smolvla policy type: its adapter (``adapter.py``) and its tiny offline builder (``tiny.py``)."""
