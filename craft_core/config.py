@@ -248,6 +248,7 @@ def default_runs() -> dict[str, RunSpec]:
 
 
 class SimEvalConfig(StrictModel):
+    name: str | None = Field(default=None, description="Name in the report (e.g. task_a); default env[/task]")
     env: Literal["pusht", "aloha", "libero"]
     task: str | None = Field(default=None, description="Env task, e.g. AlohaTransferCube-v0 or libero_10")
     n_episodes: int = Field(default=2, ge=1)

@@ -1,11 +1,12 @@
-"""A small, documented sweep of CRaFT's own settings around the retention experiment's preset.
+"""A small, documented sweep of CRaFT's own settings around an experiment preset.
 
-    python experiments/sweep.py                 # pi0_fast, seed 0, the variants below
+    python experiments/sweep.py                 # preset retention, pi0_fast, seed 0, the variants below
 
 Only the method's settings change (ε schedule/ε_end, λ learning rate, K, layers, merge mode);
-data, teacher, steps, learning rate, seeds and the evaluation are the preset's, and the baseline
-run is shared (same cache entry), so every row is compared with the same baseline. Writes
-sweep.json / sweep.md next to the experiment's results.
+data, teacher, steps, learning rate, seeds and the evaluation are the preset's. Every variant runs
+through the pipeline, so the baseline run (which does not depend on retention settings) is one
+cached stage shared by every row, and a variant that changes only training settings reuses the
+teacher and the anchor cache. Writes sweep.json / sweep.md next to the experiment's results.
 """
 
 from __future__ import annotations
@@ -17,23 +18,21 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments.retention import REPO_ROOT, _merge, load_experiment_config, run_policy  # noqa: E402
+from experiments.retention import REPO_ROOT, load_experiment, run_one, summarise  # noqa: E402
 
-# name -> overrides of the preset (nested like the YAML). "preset" = the experiment's own settings.
-VARIANTS: dict[str, dict] = {
-    "preset": {},
-    "K=5 (fewer retention steps)": {"finetune": {"retention": {"every_k": 5}}},
-    "eps_end=0.001 (tighter)": {"finetune": {"retention": {"eps_end": 0.001}}},
-    "eps linear schedule": {"finetune": {"retention": {"eps_schedule": "linear"}}},
-    "lambda_lr=1.0": {"finetune": {"retention": {"lambda_lr": 1.0}}},
-    "merge=task_priority": {"finetune": {"retention": {"merge": "task_priority"}}},
-    "merge=equal": {"finetune": {"retention": {"merge": "equal"}}},
-    "layers=[-1] only": {"anchors": {"layers": [-1]}},
-    "lambda_init=0 (dual ascent only)": {"finetune": {"retention": {"lambda_init": 0.0}}},
+# name -> overrides of the preset. "preset" = the experiment's own settings.
+VARIANTS: dict[str, list[str]] = {
+    "preset": [],
+    "K=5 (fewer retention steps)": ["train.retention.every_k=5"],
+    "eps_end=0.001 (tighter)": ["train.retention.eps_end=0.001"],
+    "eps linear schedule": ["train.retention.eps_schedule=linear"],
+    "lambda_lr=1.0": ["train.retention.lambda_lr=1.0"],
+    "merge=task_priority": ["train.retention.merge=task_priority"],
+    "merge=equal": ["train.retention.merge=equal"],
+    "layers=[-1] only": ["cache.layers=[-1]"],
+    "lambda_init=0 (dual ascent only)": ["train.retention.lambda_init=0.0"],
 }
 
 COLUMNS = ("task_b_loss", "task_a_loss", "drift_anchors", "drift_episodes")
@@ -41,39 +40,35 @@ COLUMNS = ("task_b_loss", "task_a_loss", "drift_anchors", "drift_episodes")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Sweep CRaFT's settings (one policy, few seeds)")
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "experiments" / "retention.yaml"))
+    parser.add_argument("--preset", default="retention")
     parser.add_argument("--policy", default="pi0_fast")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="*", help="Subset of variant names (default: all)")
-    parser.add_argument("--out", default=str(REPO_ROOT / "experiments" / "results"))
-    parser.add_argument("--work", default=str(REPO_ROOT / "artifacts" / "experiment"))
+    parser.add_argument("--out", default=str(REPO_ROOT / "experiments" / "results" / "retention"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)))
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.time()
 
     def log(message: str) -> None:
         print(f"[sweep {time.time() - started:7.1f}s] {message}", flush=True)
 
-    base = load_experiment_config(args.config, [f"policies=[{args.policy}]", f"seeds={args.seeds}"])
     rows = []
-    for name, override in VARIANTS.items():
+    for name, overrides in VARIANTS.items():
         if args.variants and name not in args.variants:
             continue
-        data = base.model_dump()
-        _merge(data, override)
-        cfg = type(base).model_validate(data)
-        result = run_policy(cfg, args.policy, Path(args.work), log)
-        summary = result["summary"]
+        cfg = load_experiment(args.preset, None, [f"policies=[{args.policy}]", f"seeds={args.seeds}", *overrides])
+        results = [run_one(cfg.model_dump_json(), args.policy, seed, args.threads) for seed in args.seeds]
+        summary = summarise(results)[args.policy]["runs"]
+        baseline, craft = summary["baseline"], summary["craft"]
         rows.append({
             "variant": name,
-            "overrides": override,
-            "baseline": {c: summary["baseline"][c]["mean"] for c in COLUMNS},
-            "craft": {c: summary["craft"][c]["mean"] for c in COLUMNS},
+            "overrides": overrides,
+            "baseline": {c: baseline[c]["mean"] for c in COLUMNS},
+            "craft": {c: craft[c]["mean"] for c in COLUMNS},
             "teacher": {c: summary["teacher"][c]["mean"] for c in COLUMNS},
-            "targets": summary["targets"],
-            "final_lambda": [r["train_log"][-1]["lambda"] for r in result["runs"]["craft"]],
+            "drift_ratio": baseline["drift_anchors"]["mean"] / max(craft["drift_anchors"]["mean"], 1e-12),
+            "final_lambda": craft["final_lambda"]["values"],
         })
         log(f"{name}: {json.dumps(rows[-1]['craft'])}")
 
@@ -94,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         lambdas = ", ".join(f"{v:.3g}" for v in row["final_lambda"])
         lines.append(
             f"| {row['variant']} | {c['task_b_loss']:.4g} | {c['task_a_loss']:.4g} | {c['drift_anchors']:.3g} "
-            f"| {c['drift_episodes']:.3g} | {row['targets']['drift_ratio_baseline_over_craft']:.1f}× | {lambdas} |"
+            f"| {c['drift_episodes']:.3g} | {row['drift_ratio']:.1f}× | {lambdas} |"
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

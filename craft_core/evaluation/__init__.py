@@ -234,7 +234,8 @@ def evaluate(
     for name, result in (train_results or {}).items():
         if name in report["runs"]:
             report["train"][name] = {
-                key: result.get(key) for key in ("final_task_loss", "steps", "cache_type", "checkpoint")
+                key: result.get(key)
+                for key in ("final_task_loss", "final_lambda", "steps", "cache_type", "checkpoint", "metrics")
             }
     report["drift_sets"] = {name: anchors.info["n_anchors"] for name, anchors in drift_sets.items()}
     report["action_loss_frames"] = {name: loss.n_frames for name, loss in action_losses.items()}

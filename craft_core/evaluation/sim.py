@@ -68,7 +68,9 @@ def make_env_cfg(sim: SimEvalConfig):
 
 
 def sim_key(sim: SimEvalConfig, env_cfg) -> str:
-    """Name of one sim entry in the report: ``pusht``, or ``aloha/AlohaTransferCube-v0`` when a task is set."""
+    """Name of one sim entry in the report: its ``name``, else ``pusht`` or ``aloha/AlohaTransferCube-v0``."""
+    if sim.name:
+        return sim.name
     return sim.env if sim.task is None else f"{sim.env}/{env_cfg.task}"
 
 

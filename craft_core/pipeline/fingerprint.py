@@ -30,6 +30,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import resource
 import socket
 import time
 from contextlib import contextmanager
@@ -259,7 +260,7 @@ class StageDir:
         return self.path
 
     def commit(self, result: dict, *, config: Any = None, upstream: dict[str, str] | None = None,
-               code: str = "", started: float | None = None) -> dict:
+               code: str = "", started: float | None = None, cpu_started: float | None = None) -> dict:
         """Write the manifest last and atomically: from here on the stage counts as complete."""
         now = time.time()
         manifest = {
@@ -272,6 +273,7 @@ class StageDir:
             "result": result,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "duration_s": round(now - started, 3) if started is not None else None,
+            "cpu_s": round(_cpu_seconds() - cpu_started, 3) if cpu_started is not None else None,
             "host": socket.gethostname(),
         }
         tmp = self.path / f".{MANIFEST}.{os.getpid()}.tmp"
@@ -291,8 +293,15 @@ def run_stage(stage_dir: StageDir, fn, *, config: Any = None, upstream: dict[str
         manifest = stage_dir.manifest()
         if manifest is not None:
             return manifest["result"], False
-        started = time.time()
+        started, cpu_started = time.time(), _cpu_seconds()
         work_dir = stage_dir.begin()
         result = fn(work_dir)
-        stage_dir.commit(result, config=config, upstream=upstream, code=code, started=started)
+        stage_dir.commit(result, config=config, upstream=upstream, code=code, started=started,
+                         cpu_started=cpu_started)
         return result, True
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (stages isolated in their own process)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
