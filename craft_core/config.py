@@ -103,8 +103,9 @@ class AssetsConfig(StrictModel):
     episodes_per_task: int = Field(default=4, ge=1, description="Recorded episodes per task used for training")
     heldout_episodes_per_task: int = Field(
         default=0, ge=0,
-        description="Further episodes per task, recorded into datasets/<task>_heldout: never trained on, never "
-        "anchored; for measurements on unseen episodes",
+        description="Further episodes per task, recorded after the training episodes (indices episodes_per_task "
+        "onwards): the teacher never trains on them; select them by index in the configs (cache/train use "
+        "the training episodes, eval the held-out ones)",
     )
     max_episode_steps: int = Field(default=60, ge=2)
     image_size: int = Field(default=96, ge=16, description="Recorded camera resolution (square)")

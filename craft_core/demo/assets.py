@@ -3,8 +3,9 @@
 The retention experiment needs a teacher that already *does* something (task A), a new task to
 fine-tune on (task B), and anchors taken from task A. Without the hub, all three are built here:
 
-    datasets/task_a, datasets/task_b   scripted gym recordings (craft_core.demo.sim_datasets)
-    datasets/task_*_heldout            further episodes, never trained on or anchored (optional)
+    datasets/task_a, datasets/task_b   scripted gym recordings (craft_core.demo.sim_datasets): the
+                                       training episodes, then the held-out ones (never trained on
+                                       or anchored: configs select episodes by index)
     teacher_init/                      tiny real policy for the datasets' features (craft_core.demo.tiny)
     teacher_pretrain/                  the ordinary training loop on task A, retention off
     teacher/                           the teacher the pipeline uses (pretrained, or the init copy)
@@ -50,10 +51,9 @@ def build_demo_assets(cfg: AssetsConfig, out_dir: str | Path, progress: Progress
     from craft_core.demo.tiny import TINY_MARKER, build_tiny_policy, copy_tiny_marker
 
     out_dir = Path(out_dir).absolute()
-    recordings = [(key, task, False) for key, task in zip(TASK_KEYS, (cfg.task_a, cfg.task_b))]
-    if cfg.heldout_episodes_per_task:
-        recordings += [(f"{key}_heldout", task, True) for key, task in zip(TASK_KEYS, (cfg.task_a, cfg.task_b))]
-    total = len(recordings) + 1 + cfg.teacher_pretrain_steps
+    total = len(TASK_KEYS) + 1 + cfg.teacher_pretrain_steps
+    train_episodes = list(range(cfg.episodes_per_task))
+    heldout_episodes = list(range(cfg.episodes_per_task, cfg.episodes_per_task + cfg.heldout_episodes_per_task))
     done = 0
 
     def report(metrics: dict) -> None:
@@ -62,24 +62,22 @@ def build_demo_assets(cfg: AssetsConfig, out_dir: str | Path, progress: Progress
 
     datasets: dict[str, dict] = {}
     metas = {}
-    for key, task, heldout in recordings:
+    for key, task in zip(TASK_KEYS, (cfg.task_a, cfg.task_b)):
         root = out_dir / "datasets" / key
-        repo_id = dataset_repo_id(cfg, task) + ("_heldout" if heldout else "")
+        repo_id = dataset_repo_id(cfg, task)
         metas[key] = record_dataset(
             cfg.env,
             task,
             repo_id=repo_id,
             root=root,
-            n_episodes=cfg.heldout_episodes_per_task if heldout else cfg.episodes_per_task,
+            n_episodes=cfg.episodes_per_task + cfg.heldout_episodes_per_task,
             max_steps=cfg.max_episode_steps,
             image_size=cfg.image_size,
-            seed=cfg.seed + (0 if key.startswith("task_a") else 1),
-            # Held-out episodes continue the training recording's episode seeds.
-            first_episode=cfg.episodes_per_task if heldout else 0,
+            seed=cfg.seed + (0 if key == "task_a" else 1),
             overwrite=True,  # a half-written recording from a killed run is simply redone
         )
         datasets[key] = {"repo_id": repo_id, "root": str(root), "task": task, "frames": metas[key].total_frames,
-                         "episodes": metas[key].total_episodes}
+                         "train_episodes": train_episodes, "heldout_episodes": heldout_episodes}
         done += 1
         report({"recorded": key, "frames": metas[key].total_frames})
 
@@ -102,7 +100,8 @@ def build_demo_assets(cfg: AssetsConfig, out_dir: str | Path, progress: Progress
             done = base + step
             report({"pretrain_" + k: v for k, v in metrics.items()})
 
-        dataset_a = DatasetSource(repo_id=datasets["task_a"]["repo_id"], root=datasets["task_a"]["root"])
+        dataset_a = DatasetSource(repo_id=datasets["task_a"]["repo_id"], root=datasets["task_a"]["root"],
+                                  episodes=train_episodes if cfg.heldout_episodes_per_task else None)
         pretrained = train(
             pretrain_config(cfg, dataset_a),
             teacher=PolicySource(path=str(teacher_init)),
