@@ -7,8 +7,18 @@ that keeps one shard in memory and loads the shard of each random sample. The Za
 craft's store read through AnchorDataset with the chunk-aware batch sampler. Both draw the same
 number of random training batches in one process.
 
+Also measured, on the same store:
+- integrity: opening with and without the full verification of the teacher targets against their
+  recorded digests, and reading every block of every array with and without checking its digest
+  (a training run always checks; the unchecked read is only here as the reference);
+- bytes per anchor per retention target: the prefix target of the imported store and, in a second
+  store written at pi0_fast-base sizes (256 FAST tokens, top-k 8, float16) with teacher-like
+  content, the action_output target.
+
 Prints one JSON object as its last line:
-  zarr_bytes_per_anchor, pt_bytes_per_anchor, zarr_samples_per_s, pt_samples_per_s (+ ratios)
+  zarr_bytes_per_anchor, pt_bytes_per_anchor, zarr_samples_per_s, pt_samples_per_s (+ ratios),
+  open_s / open_unverified_s, read_mb_per_s / read_unverified_mb_per_s (+ ratio),
+  bytes_per_anchor_per_target, bytes_per_anchor_per_array
 """
 
 import argparse
@@ -25,7 +35,8 @@ import numpy as np
 import torch
 
 from craft_core.importer import import_pt_cache
-from craft_core.store import AnchorDataset
+from craft_core.policies.base import ArraySpec
+from craft_core.store import AnchorDataset, AnchorStoreWriter, StoreLayout, finalize_store, open_anchor_store
 
 IMAGE, TOKENS, L, V, D = 224, 48, 2, 2, 2048
 
@@ -112,7 +123,7 @@ def main() -> None:
         n_zarr = 0
         while n_zarr < args.batches * args.batch_size:
             for batch in loader:
-                n_zarr += len(batch["teacher_hidden"])
+                n_zarr += len(batch["targets"]["prefix"]["hidden"])
                 if n_zarr >= args.batches * args.batch_size:
                     break
         zarr_seconds = time.perf_counter() - start
@@ -129,7 +140,74 @@ def main() -> None:
         }
         result["bytes_ratio"] = result["zarr_bytes_per_anchor"] / result["pt_bytes_per_anchor"]
         result["speedup"] = result["zarr_samples_per_s"] / result["pt_samples_per_s"]
+        result.update(integrity_costs(str(zarr_dir), rounds=3))
+        action_dir = Path(tmp) / "action.zarr"
+        write_action_store(str(action_dir), args.anchors, args.seed)
+        per_target = {"prefix": folder_bytes(zarr_dir / "targets" / "prefix") / args.anchors,
+                      "action_output": folder_bytes(action_dir / "targets" / "action_output") / args.anchors}
+        result["bytes_per_anchor_per_target"] = per_target
+        result["bytes_per_anchor_per_array"] = {
+            f"{kind}/{array.name}": folder_bytes(array) / args.anchors
+            for kind, root in (("inputs", zarr_dir / "inputs"), ("prefix", zarr_dir / "targets" / "prefix"),
+                               ("action_output", action_dir / "targets" / "action_output"))
+            for array in sorted(root.iterdir()) if array.is_dir()
+        }
     print(json.dumps(result))
+
+
+def integrity_costs(url: str, rounds: int) -> dict:
+    """Open time and block-read throughput with and without digest checks (best of ``rounds``)."""
+    store = open_anchor_store(url)
+    names = list(store.description.paths())
+    nbytes = sum(store.group[name].nbytes for name in names)
+
+    def timed(fn) -> float:
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def read_all(verify: bool) -> None:
+        for start, stop in store.blocks:
+            store.read(start, stop, names, verify=verify)
+
+    open_verified = timed(lambda: open_anchor_store(url))
+    open_plain = timed(lambda: open_anchor_store(url, verify=False))
+    read_verified = timed(lambda: read_all(True))
+    read_plain = timed(lambda: read_all(False))
+    return {
+        "open_s": open_verified, "open_unverified_s": open_plain,
+        "read_mb_per_s": nbytes / read_verified / 1e6, "read_unverified_mb_per_s": nbytes / read_plain / 1e6,
+        "read_throughput_ratio_verified_over_unverified": read_plain / read_verified,
+    }
+
+
+def write_action_store(url: str, n_anchors: int, seed: int, tokens: int = 256, top_k: int = 8) -> None:
+    """pi0_fast-base sized action_output arrays with teacher-like content: greedy tokens from the
+    end of a 257152-token vocabulary, their top-k ids nearby and sorted float16 log-probabilities."""
+    rng = np.random.default_rng(seed)
+    arrays = {"tokens": ArraySpec((tokens,), "int32"), "token_mask": ArraySpec((tokens,), "bool"),
+              "topk_ids": ArraySpec((tokens, top_k), "int32"), "topk_logprobs": ArraySpec((tokens, top_k), "float16")}
+    layout = StoreLayout(n_anchors=n_anchors, input_spec={}, targets={"action_output": arrays},
+                         target_attrs={"action_output": {"probe": "greedy_fast_tokens", "top_k": top_k}},
+                         attrs={"fingerprint": "bench"})
+    writer = AnchorStoreWriter(url, layout)
+    for block, (start, stop) in enumerate(writer.blocks):
+        n = stop - start
+        lengths = rng.integers(40, 120, size=n)
+        mask = np.arange(tokens)[None] < lengths[:, None]
+        greedy = np.where(mask, 257152 - 1 - rng.integers(128, 1152, size=(n, tokens)), 0).astype(np.int32)
+        ids = (greedy[..., None] + rng.integers(-3, 4, size=(n, tokens, top_k))).astype(np.int32)
+        logprobs = -np.sort(rng.exponential(1.5, size=(n, tokens, top_k)), axis=-1).astype(np.float16)
+        writer.write_block(block, {
+            "targets/action_output/tokens": greedy, "targets/action_output/token_mask": mask,
+            "targets/action_output/topk_ids": ids, "targets/action_output/topk_logprobs": logprobs,
+            "provenance/episode_index": np.zeros(n, dtype=np.int64), "provenance/frame_index": np.zeros(n, dtype=np.int64),
+            "provenance/task": np.array(["task"] * n), "split/heldout": np.zeros(n, dtype=bool),
+        })
+    finalize_store(url)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ PoolingStrategy = Literal["vision_token_mean", "text_token_last", "text_token_me
 RetentionLossKind = Literal["mse", "cosine", "l1"]
 MergeMode = Literal["weighted", "equal", "task_priority"]
 EpsilonScheduleKind = Literal["linear", "cosine", "exponential"]
+RetentionTarget = Literal["prefix", "action_output"]
+RETENTION_TARGETS: tuple[str, ...] = ("prefix", "action_output")
 StageName = Literal["assets", "cache", "train", "eval"]
 STAGES: tuple[str, ...] = ("assets", "cache", "train", "eval")
 
@@ -139,16 +141,32 @@ class AssetsConfig(StrictModel):
         return self
 
 
+class ActionOutputConfig(StrictModel):
+    """How the ``action_output`` target probes the teacher's action path."""
+
+    top_k: int = Field(
+        default=8, ge=0,
+        description="pi0_fast: the teacher's top-k next-token log-probabilities at each of its own greedy FAST "
+        "tokens (KL target); 0 = the greedy tokens alone as hard labels (cross-entropy)",
+    )
+    flow_steps: int | None = Field(
+        default=None, ge=1,
+        description="pi0/pi05/smolvla: Euler steps of the teacher's own sampling from stored noise whose states "
+        "and velocities are the probes; None = the policy's own inference steps",
+    )
+
+
 class CacheConfig(StrictModel):
-    """Stage 1: the frozen teacher's pooled hidden states on anchor samples."""
+    """Stage 1: the frozen teacher's retention targets (pooled hidden states, action outputs) on anchors."""
 
     teacher: PolicySource
     dataset: DatasetSource
-    kind: Literal["hidden_state", "token_level"] = Field(
-        default="hidden_state",
-        description="hidden_state: pooled hidden states (hidden-state anchoring); token_level: the teacher's "
-        "greedy action tokens (token-level distillation, policies whose adapter can decode them)",
+    targets: list[RetentionTarget] = Field(
+        default_factory=lambda: ["prefix"], min_length=1,
+        description="prefix: pooled prefix hidden states (the seed's hidden-state anchoring); action_output: the "
+        "teacher's outputs on the action path (FAST-token distributions, flow velocities)",
     )
+    action_output: ActionOutputConfig = Field(default_factory=ActionOutputConfig)
     n_anchors: int = Field(default=256, ge=1)
     seed: int = 0
     frame_stride: int = Field(default=1, ge=1)
@@ -183,9 +201,58 @@ class CacheConfig(StrictModel):
             raise ValueError(f"pooling strategies must be distinct, got {pooling}")
         return pooling
 
+    @field_validator("targets")
+    @classmethod
+    def _distinct_targets(cls, targets: list[str]) -> list[str]:
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"targets must be distinct, got {targets}")
+        return targets
+
+
+CONSTRAINT_FIELDS = ("lambda_init", "lambda_lr", "lambda_max", "eps_start", "eps_end", "eps_decay_steps", "eps_schedule")
+
+
+class TargetConstraint(StrictModel):
+    """One target's constraint ``L_t <= eps_t(t)``; a field left null inherits ``train.retention``'s."""
+
+    loss: RetentionLossKind | None = Field(default=None, description="prefix only: the distance of pooled states")
+    lambda_init: float | None = Field(default=None, ge=0.0)
+    lambda_lr: float | None = Field(default=None, ge=0.0)
+    lambda_max: float | None = Field(default=None, gt=0.0)
+    eps_start: float | None = Field(default=None, ge=0.0)
+    eps_end: float | None = Field(default=None, ge=0.0)
+    eps_decay_steps: int | None = Field(default=None, ge=0)
+    eps_schedule: EpsilonScheduleKind | None = None
+
+
+class ResolvedConstraint(StrictModel):
+    """A target's constraint with every field set (inherited settings filled in)."""
+
+    loss: RetentionLossKind
+    lambda_init: float
+    lambda_lr: float
+    lambda_max: float
+    eps_start: float
+    eps_end: float
+    eps_decay_steps: int
+    eps_schedule: EpsilonScheduleKind
+
+    @model_validator(mode="after")
+    def _check(self) -> "ResolvedConstraint":
+        if self.eps_start < self.eps_end:
+            raise ValueError(f"eps_start ({self.eps_start}) must be >= eps_end ({self.eps_end})")
+        if self.lambda_init > self.lambda_max:
+            raise ValueError(f"lambda_init ({self.lambda_init}) must be <= lambda_max ({self.lambda_max})")
+        return self
+
 
 class RetentionConfig(StrictModel):
-    """CRaFT's constrained objective: min L_task s.t. L_ret <= eps(t)."""
+    """CRaFT's constrained objective: min L_task s.t. L_t <= eps_t(t) for every retention target t.
+
+    The top-level ``loss``, ``lambda_*`` and ``eps_*`` are the settings of every target (the
+    seed's single prefix constraint keeps exactly these); ``targets`` chooses which of the anchor
+    store's targets this run constrains and may override any setting per target.
+    """
 
     every_k: int = Field(default=5, ge=1, description="A retention step every K steps")
     loss: RetentionLossKind = "mse"
@@ -198,16 +265,32 @@ class RetentionConfig(StrictModel):
     eps_end: float = Field(default=0.01, ge=0.0)
     eps_decay_steps: int = Field(default=0, ge=0, description="0 = anneal over all training steps")
     eps_schedule: EpsilonScheduleKind = "cosine"
+    targets: dict[RetentionTarget, TargetConstraint] | None = Field(
+        default=None,
+        description="The anchor store's targets this run constrains, each with its own λ and ε; null = all of them",
+    )
     anchor_batch_size: int = Field(default=8, ge=1)
     shuffle_window_chunks: int = Field(default=4, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> "RetentionConfig":
-        if self.eps_start < self.eps_end:
-            raise ValueError(f"eps_start ({self.eps_start}) must be >= eps_end ({self.eps_end})")
-        if self.lambda_init > self.lambda_max:
-            raise ValueError(f"lambda_init ({self.lambda_init}) must be <= lambda_max ({self.lambda_max})")
+        if self.targets is not None and not self.targets:
+            raise ValueError("targets is empty: name at least one target, or null for all of the store's")
+        for target in [None, *(self.targets or {})]:
+            try:
+                self.constraint(target)
+            except ValueError as exc:
+                where = f"targets.{target}: " if target else ""
+                raise ValueError(f"{where}{exc}") from None
         return self
+
+    def constraint(self, target: str | None) -> ResolvedConstraint:
+        """The constraint settings of ``target``: its own overrides on top of the top-level ones."""
+        values = {field: getattr(self, field) for field in ("loss", *CONSTRAINT_FIELDS)}
+        override = (self.targets or {}).get(target) if target else None
+        if override is not None:
+            values.update({k: v for k, v in override.model_dump().items() if v is not None})
+        return ResolvedConstraint.model_validate(values)
 
 
 class TrainConfig(StrictModel):
@@ -242,6 +325,17 @@ class RunSpec(StrictModel):
     """One fine-tuning run of the comparison: ``train`` as configured, with these differences."""
 
     retention: bool = Field(default=True, description="false = plain fine-tuning with the same loop (baseline)")
+    targets: list[RetentionTarget] | None = Field(
+        default=None, description="Constrain only these of the anchor store's targets (default: train.retention's)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunSpec":
+        if self.targets is not None and not self.retention:
+            raise ValueError("targets are set but retention is false")
+        if self.targets is not None and (not self.targets or len(set(self.targets)) != len(self.targets)):
+            raise ValueError(f"targets must be a non-empty list of distinct targets, got {self.targets}")
+        return self
 
 
 def default_runs() -> dict[str, RunSpec]:
@@ -345,14 +439,28 @@ class PipelineConfig(StrictModel):
             retaining = [name for name, run in self.runs.items() if run.retention]
             raise ValueError(f"runs {retaining} use retention but train.retention is null; configure it "
                              "or set retention: false for those runs")
+        cached = set(self.cache.targets)
+        retention_targets = (self.train.retention.targets or {}) if self.train.retention else {}
+        wanted = {"train.retention.targets": list(retention_targets)}
+        wanted.update({f"runs.{name}.targets": run.targets or [] for name, run in self.runs.items()})
+        for field, targets in wanted.items():
+            missing = [t for t in targets if t not in cached]
+            if missing:
+                raise ValueError(f"{field} names {missing}, which cache.targets {sorted(cached)} does not hold; "
+                                 f"add them to cache.targets")
         return self
 
     def run_train_config(self, run: str) -> TrainConfig:
-        """``train`` as run ``run`` trains: retention off for a baseline run."""
+        """``train`` as run ``run`` trains: retention off for a baseline run, its own targets otherwise."""
         spec = self.runs[run]
-        if spec.retention:
+        if not spec.retention:
+            return self.train.model_copy(update={"retention": None})
+        if spec.targets is None:
             return self.train
-        return self.train.model_copy(update={"retention": None})
+        current = self.train.retention.targets or {}
+        targets = {name: current.get(name, TargetConstraint()) for name in spec.targets}
+        retention = self.train.retention.model_copy(update={"targets": targets})
+        return self.train.model_copy(update={"retention": retention})
 
 
 class ExperimentSection(StrictModel):

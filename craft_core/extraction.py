@@ -1,13 +1,14 @@
-"""Stage 1, the cache: run the frozen teacher once over anchor frames and store its pooled hidden states.
+"""Stage 1, the cache: run the frozen teacher once over anchor frames and store its retention targets.
 
     frames of a LeRobotDataset ──policy preprocessor──▶ adapter.anchor_inputs ──▶ inputs/* (uint8 images, tokens)
                                                                 │
-                                            adapter.pooled(stored inputs) ──▶ teacher_hidden [N, L, V, D]
+                          adapter.teacher_targets(stored inputs) ──▶ targets/prefix/hidden [N, L, V, D]
+                                                                 ──▶ targets/action_output/* (probes + outputs)
 
-The teacher's vectors are computed from the *stored* inputs (images already quantised to uint8),
+The teacher's targets are computed from the *stored* inputs (images already quantised to uint8),
 not from the float batch, so a student that is a copy of the teacher reproduces them exactly.
-With ``cache.kind="token_level"`` the targets are instead the teacher's own greedy action tokens
-on those inputs (``labels/<name>``, as the adapter's ``label_spec`` lays them out).
+``cache.targets`` chooses them: ``prefix`` (pooled prefix hidden states, the seed's method) and
+``action_output`` (the teacher's outputs on the action path on stored probes); see the adapters.
 
 Anchors are chosen deterministically from (seed, n_anchors, episodes, frame_stride) and stored in
 that seeded random order; batches never cross a block boundary, so a block's values do not depend
@@ -38,12 +39,15 @@ from craft_core.store import (
     StoreLayout,
     finalize_store,
     heldout_mask,
+    input_path,
     open_anchor_store,
     store_fingerprint,
+    target_path,
     worker_blocks,
 )
 
 STORE_NAME = "anchors.zarr"
+ANCHOR_INDEX = "craft.anchor_index"
 
 Progress = Callable[[int, int, dict], None]
 
@@ -96,6 +100,7 @@ class AnchorFrames(torch.utils.data.Dataset):
         # Only what the prefix needs: with an action, pi0_fast's preprocessor would also tokenise it.
         item = {key: value for key, value in frame.items() if key.startswith("observation.")}
         item["task"] = self.selection.prompts[anchor] if self.selection.prompts else frame["task"]
+        item[ANCHOR_INDEX] = anchor  # seeds per-anchor probe noise; removed before the preprocessor
         return item
 
 
@@ -193,31 +198,34 @@ def extract_anchors(
     ``complete``. Without it the store is finalised here.
     """
     from craft_core.policies import get_adapter
+    from craft_core.policies.base import TargetRequest
 
     device = resolve_device(cfg.device, field="cache.device")
     dataset = _load_dataset(cfg)
     selection = select_anchors(dataset, cfg)
     policy, preprocessor = _load_teacher(cfg, dataset, device)
     adapter = get_adapter(policy)
-    layers = adapter.resolve_layers(cfg.layers)
+    try:
+        adapter.check_targets(cfg.targets)
+        layers = adapter.resolve_layers(cfg.layers) if "prefix" in cfg.targets else []
+    except ValueError as exc:
+        field = "cache.targets" if "target" in str(exc) else "cache.layers"
+        raise ValueError(f"{field}: {exc}") from None
     autocast = device.type == "cuda"
     compute = {"device_type": device.type, "autocast": "bfloat16" if autocast else None}
+    request = TargetRequest(
+        targets=tuple(cfg.targets), layers=tuple(layers), pooling=tuple(cfg.pooling),
+        top_k=cfg.action_output.top_k, flow_steps=cfg.action_output.flow_steps, dtype=cfg.dtype, noise_seed=cfg.seed,
+    )
+    target_specs = {target: adapter.target_spec(target, request) for target in cfg.targets}
 
     teacher = teacher_identity(cfg, policy)
     data_id = dataset_identity(cfg, dataset)
-    token_level = cfg.kind == "token_level"
-    if token_level and not adapter.supports_token_labels:
-        raise ValueError(
-            f"cache.kind='token_level' needs the teacher's own action tokens, which craft can decode for "
-            f"pi0_fast only, not for {adapter.policy_type}; use cache.kind='hidden_state'"
-        )
     layout = StoreLayout(
-        kind=cfg.kind,
         n_anchors=cfg.n_anchors,
-        input_spec=adapter.input_spec(),
-        teacher_shape=None if token_level else (len(layers), len(cfg.pooling), adapter.hidden_size),
-        teacher_dtype=cfg.dtype,
-        labels_spec=adapter.label_spec() if token_level else None,
+        input_spec=adapter.input_spec(cfg.targets),
+        targets={target: arrays for target, (arrays, _) in target_specs.items()},
+        target_attrs={target: attrs for target, (_, attrs) in target_specs.items()},
         chunk_anchors=cfg.chunk_anchors,
         shard_chunks=cfg.shard_chunks,
     )
@@ -226,7 +234,9 @@ def extract_anchors(
         "layers": layers,
         "depth": adapter.depth,
         "hidden_size": adapter.hidden_size,
-        "pooling": list(cfg.pooling),
+        "pooling": list(cfg.pooling) if "prefix" in cfg.targets else [],
+        "dtype": cfg.dtype,
+        "noise_seed": cfg.seed,
         "dataset": data_id,
         "sampling": {"n_anchors": cfg.n_anchors, "seed": cfg.seed, "episodes": cfg.dataset.episodes,
                      "frame_stride": cfg.frame_stride, "heldout_fraction": cfg.heldout_fraction,
@@ -277,15 +287,15 @@ def extract_anchors(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchor-store-writer") as io:
         with torch.inference_mode(), amp:
             for batch in loader:
-                inputs = adapter.anchor_inputs(preprocessor(batch))
-                outputs = {f"inputs/{name}": value.numpy() for name, value in inputs.items()}
+                anchor_ids = batch.pop(ANCHOR_INDEX)
+                inputs = adapter.anchor_inputs(preprocessor(batch), cfg.targets)
+                outputs = {input_path(name): value.numpy() for name, value in inputs.items()}
                 # Targets come from the stored (quantised) inputs, which is what a student will see.
-                if token_level:
-                    labels = adapter.teacher_action_token_labels(inputs)
-                    outputs.update({f"labels/{name}": value.numpy() for name, value in labels.items()})
-                else:
-                    pooled = adapter.pooled(inputs, layers, cfg.pooling)
-                    outputs["teacher_hidden"] = pooled.float().cpu().numpy().astype(cfg.dtype)
+                targets = adapter.teacher_targets(inputs, request, anchor_ids=anchor_ids)
+                for target, arrays in targets.items():
+                    for name, value in arrays.items():
+                        values = (value.float() if value.is_floating_point() else value).numpy()
+                        outputs[target_path(target, name)] = values.astype(layout.targets[target][name].dtype)
                 outputs["provenance/task"] = np.asarray(batch["task"], dtype=str)
                 for name, value in outputs.items():
                     pending.setdefault(name, []).append(value)

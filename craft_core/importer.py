@@ -12,7 +12,9 @@ That tool writes a directory of ``shard_XXXX.pt`` files (``torch.save`` of a dic
   transformer blocks from 0, i.e. Hugging Face hidden-state index minus one).
 
 The store gets pi0_fast's prefix input names (``images`` uint8, ``image_masks``, ``lang_tokens``,
-``lang_masks``). Pixels are quantised to uint8 (the store keeps images as uint8); the largest
+``lang_masks``); pooled hidden states become the ``prefix`` target, label tokens the hard labels of
+an ``action_output`` target (``labels``, in the first tool's tokenisation, which no craft student
+shares: such a store is refused by the student check with that reason). Pixels are quantised to uint8 (the store keeps images as uint8); the largest
 quantisation error is recorded in the ``source`` attribute because the imported teacher targets
 were computed from the unquantised pixels (and by the first tool's own prefix construction), so a
 student copy reproduces them only approximately, unlike a store made by ``extract_anchors``.
@@ -29,7 +31,17 @@ import numpy as np
 import torch
 
 from craft_core.policies.base import ArraySpec
-from craft_core.store import AnchorStoreWriter, StoreLayout, finalize_store, heldout_mask, store_fingerprint
+from craft_core.store import (
+    AnchorStoreWriter,
+    StoreLayout,
+    finalize_store,
+    heldout_mask,
+    store_fingerprint,
+    target_path,
+)
+
+HIDDEN = target_path("prefix", "hidden")
+LABELS = target_path("action_output", "labels")
 
 TARGET_KEYS = ("teacher_hidden", "target_features", "labels")
 INPUT_KEYS = ("pixel_values", "input_ids", "attention_mask")
@@ -109,12 +121,12 @@ def _shard_arrays(path: Path, shard: dict, target: str) -> tuple[dict[str, np.nd
     }
     values = shard[target]
     if target == "labels":
-        arrays["labels/labels"] = values.to(torch.int64).numpy()
+        arrays[LABELS] = values.to(torch.int64).numpy()
     else:
         values = values.float() if values.dtype not in (torch.float16, torch.float32) else values
         if target == "target_features":
             values = values[:, None, None, :]
-        arrays["teacher_hidden"] = values.numpy()
+        arrays[HIDDEN] = values.numpy()
     for name, array in arrays.items():
         if array.shape[0] != n:
             raise CacheImportError(f"{path}: {name} has {array.shape[0]} rows but pixel_values has {n}")
@@ -168,7 +180,6 @@ def import_pt_cache(
         for name, array in sample.items() if name.startswith("inputs/")
     }
 
-    kind = "token_level" if target == "labels" else "hidden_state"
     attrs: dict[str, Any] = {
         "teacher": {"policy_type": policy_type, "path": metadata.get("policy_pretrained_path"), "revision": None},
         "dataset": {"repo_id": metadata.get("dataset_repo_id"), "root": None, "revision": None},
@@ -177,24 +188,26 @@ def import_pt_cache(
         "source": {"format": "craft .pt shards", "dir": str(src), "target": target,
                    "files": [[p.name, p.stat().st_size] for p in shards], "cache_type": metadata.get("cache_type")},
     }
-    layout_kwargs: dict[str, Any] = {}
-    if kind == "hidden_state":
-        teacher_shape = tuple(sample["teacher_hidden"].shape[1:])
+    if target != "labels":  # pooled hidden states: the prefix target
+        teacher_shape = tuple(sample[HIDDEN].shape[1:])
         absolute_layers, depth = _layers_and_depth(first, metadata, target, teacher_shape[0], layers, depth, src)
         pooling = list(pooling) if pooling is not None else _pooling(metadata, target, teacher_shape[1], src)
         if len(pooling) != teacher_shape[1]:
             raise CacheImportError(f"pooling {pooling} names {len(pooling)} vectors but the teacher targets hold {teacher_shape[1]}")
-        dtype = dtype or str(sample["teacher_hidden"].dtype)
-        attrs.update(layers=absolute_layers, depth=depth, hidden_size=int(teacher_shape[2]), pooling=pooling)
-        layout_kwargs.update(teacher_shape=teacher_shape, teacher_dtype=dtype)
-    else:
-        labels = sample["labels/labels"]
-        layout_kwargs["labels_spec"] = {"labels": ArraySpec(tuple(labels.shape[1:]), str(labels.dtype))}
-        attrs.update(layers=None, depth=depth, hidden_size=None, pooling=None)
+        dtype = dtype or str(sample[HIDDEN].dtype)
+        attrs.update(layers=absolute_layers, depth=depth, hidden_size=int(teacher_shape[2]), pooling=pooling,
+                     dtype=dtype)
+        targets = {"prefix": {"hidden": ArraySpec(teacher_shape, dtype)}}
+        target_attrs = {"prefix": {"layers": absolute_layers, "pooling": pooling}}
+    else:  # label tokens: hard labels of the action_output target (in the first tool's tokenisation)
+        labels = sample[LABELS]
+        attrs.update(layers=[], depth=depth, hidden_size=None, pooling=[], dtype=dtype or "float32")
+        targets = {"action_output": {"labels": ArraySpec(tuple(labels.shape[1:]), str(labels.dtype))}}
+        target_attrs = {"action_output": {"probe": "imported_labels", "top_k": 0, "loss": "hard_token_cross_entropy"}}
     attrs["fingerprint"] = store_fingerprint({"import": attrs, "dtype": dtype, "chunk_anchors": chunk_anchors,
                                               "shard_chunks": shard_chunks})
-    layout = StoreLayout(kind=kind, n_anchors=n_anchors, input_spec=input_spec, chunk_anchors=chunk_anchors,
-                         shard_chunks=shard_chunks, attrs=attrs, **layout_kwargs)
+    layout = StoreLayout(n_anchors=n_anchors, input_spec=input_spec, targets=targets, target_attrs=target_attrs,
+                         chunk_anchors=chunk_anchors, shard_chunks=shard_chunks, attrs=attrs)
     writer = AnchorStoreWriter(store_url, layout)
     done = writer.written_blocks()
     split = heldout_mask(n_anchors, heldout_fraction, seed=seed)
@@ -232,8 +245,8 @@ def _store_rows(path: Path, target: str, size: int, dtype: str | None) -> tuple[
     arrays["provenance/task"] = np.array([str(p) for p in prompts])
     arrays["provenance/episode_index"] = np.full(size, -1, dtype=np.int64)  # not recorded by the first tool
     arrays["provenance/frame_index"] = np.full(size, -1, dtype=np.int64)
-    if dtype is not None and "teacher_hidden" in arrays:
-        arrays["teacher_hidden"] = arrays["teacher_hidden"].astype(dtype)
+    if dtype is not None and HIDDEN in arrays:
+        arrays[HIDDEN] = arrays[HIDDEN].astype(dtype)
     return arrays, error
 
 

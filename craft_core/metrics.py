@@ -8,15 +8,6 @@ import json
 import math
 from pathlib import Path
 
-# The four curves of the training plot: metrics.jsonl key -> panel title.
-PLOT_PANELS = {
-    "task_loss": "task loss",
-    "retention_loss": "retention loss",
-    "lambda": "λ (Lagrange multiplier)",
-    "epsilon": "ε(t) (retention budget)",
-}
-
-
 def _json_safe(value):
     # NaN/inf are not JSON; a skipped non-finite step logs them as strings so the line stays valid.
     if isinstance(value, float) and not math.isfinite(value):
@@ -86,25 +77,57 @@ def _as_float(value) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def target_names(records: list[dict]) -> list[str]:
+    """The retention targets a metrics.jsonl logs (``lambda/<target>`` columns), in order."""
+    return list(dict.fromkeys(k.split("/", 1)[1] for r in records for k in r if k.startswith("lambda/")))
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], _as_float(r.get(key))) for r in records]
+    points = [(s, v) for s, v in points if v is not None]
+    return ([s for s, _ in points], [v for _, v in points]) if points else ([], [])
+
+
 def plot_training(metrics_path: Path, out_png: Path, title: str | None = None) -> Path:
-    """Task loss, retention loss, λ and ε against steps, one panel each, as a PNG."""
+    """The training curves of one run as a PNG: task loss; for CRaFT also each target's retention
+    loss against its bound ε_t(t) on one axis, λ_t, and the gradient cosine with projected steps marked.
+    A baseline run gets the task-loss panel only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    fig, axes = plt.subplots(len(PLOT_PANELS), 1, figsize=(7, 2.2 * len(PLOT_PANELS)), sharex=True)
-    for ax, (key, label) in zip(axes, PLOT_PANELS.items()):
-        points = [(r["step"], _as_float(r.get(key))) for r in records]
-        points = [(s, v) for s, v in points if v is not None]
-        if points:
-            steps, values = zip(*points)
-            ax.plot(steps, values, marker="." if len(points) < 50 else None, linewidth=1)
-        else:
-            ax.text(0.5, 0.5, "not logged (retention off)", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
-        ax.set_ylabel(label)
+    targets = target_names(records)
+    n_panels = 4 if targets else 1
+    fig, axes = plt.subplots(n_panels, 1, figsize=(7, 2.4 * n_panels), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    steps, values = _series(records, "task_loss")
+    axes[0].plot(steps, values, linewidth=1, color="black")
+    axes[0].set_ylabel("task loss")
+    if targets:
+        for i, target in enumerate(targets):
+            color = f"C{i}"
+            axes[1].plot(*_series(records, f"retention_loss/{target}"), marker=".", markersize=3, linewidth=1,
+                         color=color, label=f"L {target}")
+            axes[1].plot(*_series(records, f"epsilon/{target}"), linestyle="--", linewidth=1, color=color,
+                         label=f"ε {target}")
+            axes[2].plot(*_series(records, f"lambda/{target}"), linewidth=1, color=color, label=f"λ {target}")
+        axes[1].set_ylabel("retention loss vs ε(t)")
+        axes[1].set_yscale("symlog", linthresh=1e-6)
+        axes[2].set_ylabel("λ (dual ascent)")
+        cos_steps, cosines = _series(records, "grad_cosine")
+        axes[3].plot(cos_steps, cosines, marker=".", markersize=3, linewidth=0.5, color="gray")
+        projected = [(r["step"], _as_float(r.get("grad_cosine"))) for r in records if r.get("projected")]
+        if projected:
+            axes[3].scatter(*zip(*projected), color="red", s=12, zorder=3, label="projected (conflict)")
+        axes[3].axhline(0.0, color="black", linewidth=0.5)
+        axes[3].set_ylabel("cos(g_task, g_ret)")
+        for ax in axes[1:3]:
+            ax.legend(fontsize=7, loc="best")
+        if projected:
+            axes[3].legend(fontsize=7, loc="best")
+    for ax in axes:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     if title:

@@ -59,31 +59,42 @@ class NonFiniteLossError(RuntimeError):
 class StepStats:
     task_loss: float
     grad_norm: float
-    retention_loss: float | None = None
+    retention_losses: dict[str, float] | None = None  # per target, on retention steps
     surgery: SurgeryStats | None = None
     good: bool = True  # False: a non-finite loss or gradient, the step was skipped
+
+    @property
+    def retention_loss(self) -> float | None:
+        """The targets' losses summed (unweighted), for one curve; None on plain task steps."""
+        return None if self.retention_losses is None else sum(self.retention_losses.values())
 
 
 def _all_finite(*values: float | None) -> bool:
     return all(v is None or math.isfinite(v) for v in values)
 
 
-def retention_step(retention: Retention, params: list[torch.nn.Parameter], task_loss: float) -> tuple[float, SurgeryStats | None]:
+def retention_step(retention: Retention, params: list[torch.nn.Parameter],
+                   task_loss: float) -> tuple[dict[str, float], SurgeryStats | None]:
     """g_r on the next anchor batch, merged into ``.grad`` (which holds g_t) by gradient surgery.
 
-    Returns the rank-averaged retention loss and the surgery statistics (None when a loss is not
-    finite: the step will be skipped, so nothing is merged).
+    Every target's loss comes from one forward; the retention gradient is one backward pass of
+    ``Σ_t w_t L_t`` (``w_t`` = λ_t for the weighted merge), so surgery needs one gradient-sized
+    buffer whatever the number of targets. Returns the rank-averaged loss of each target and the
+    surgery statistics (None when a loss is not finite: the step will be skipped, nothing merged).
     """
-    loss = retention.next_loss()
-    grads = retention_gradients(loss, params)
+    losses = retention.next_losses()
+    combined = sum(retention.merge_weight(target) * losses[target] for target in retention.targets)
+    grads = retention_gradients(combined, params)
     all_reduce_gradients_(grads, params)
-    loss_value = mean_across_ranks(loss.item())
+    values = {target: mean_across_ranks(loss.item()) for target, loss in losses.items()}
     surgery = None
-    if _all_finite(task_loss, loss_value):
-        surgery = apply_gradient_surgery(params, grads, lam=retention.lam.value, merge=retention.cfg.merge,
+    if _all_finite(task_loss, *values.values()):
+        # λ_t is already inside g_r: merge g_t + g_r (or ½(g_t + g_r) for the equal merge).
+        merge = "equal" if retention.cfg.merge == "equal" else "weighted"
+        surgery = apply_gradient_surgery(params, grads, lam=1.0, merge=merge,
                                          conflict_threshold=retention.cfg.conflict_threshold)
-    del grads
-    return loss_value, surgery
+    del grads, combined, losses
+    return values, surgery
 
 
 def update_policy(policy, batch: dict, *, step: int, optimizer, lr_scheduler, accelerator,
@@ -98,14 +109,14 @@ def update_policy(policy, batch: dict, *, step: int, optimizer, lr_scheduler, ac
 
     is_retention_step = retention is not None and retention.is_retention_step(step)
     if is_retention_step:
-        stats.retention_loss, stats.surgery = retention_step(retention, params, stats.task_loss)
+        stats.retention_losses, stats.surgery = retention_step(retention, params, stats.task_loss)
 
     stats.grad_norm = float(accelerator.clip_grad_norm_(params, grad_clip_norm if grad_clip_norm > 0 else float("inf")))
     stats.good = _all_finite(stats.task_loss, stats.retention_loss, stats.grad_norm)
     if stats.good:
         optimizer.step()
         if is_retention_step:
-            retention.lam.update(stats.retention_loss, retention.epsilon(step))
+            retention.dual_step(stats.retention_losses, step)
     optimizer.zero_grad(set_to_none=True)
     if lr_scheduler is not None:  # None without the policy's training preset (constant lr)
         lr_scheduler.step()
@@ -113,6 +124,20 @@ def update_policy(policy, batch: dict, *, step: int, optimizer, lr_scheduler, ac
     if has_method(student, "update"):
         student.update()
     return stats
+
+
+def target_metrics(retention: Retention | None, stats: StepStats, epsilons: dict[str, float]) -> dict:
+    """Per-target columns of metrics.jsonl: ``retention_loss/<t>``, ``lambda/<t>``, ``epsilon/<t>``."""
+    if retention is None:
+        return {}
+    losses = stats.retention_losses or {}
+    lambdas = retention.lambdas()
+    record = {}
+    for target in retention.targets:
+        record[f"retention_loss/{target}"] = losses.get(target)
+        record[f"lambda/{target}"] = lambdas[target]
+        record[f"epsilon/{target}"] = epsilons.get(target)
+    return record
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +323,7 @@ def train(
     try:
         while step < cfg.steps:
             step_start = time.perf_counter()
-            eps_t = retention.epsilon(step) if retention else None
+            epsilons = retention.epsilons(step) if retention else {}
             lr = optimizer.param_groups[0]["lr"]
             batch = preprocessor(next(data_iter))
             stats = update_policy(policy, batch, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -315,8 +340,7 @@ def train(
                 "step": step,
                 "task_loss": stats.task_loss,
                 "retention_loss": stats.retention_loss,
-                "lambda": retention.lam.value if retention else None,
-                "epsilon": eps_t,
+                **target_metrics(retention, stats, epsilons),
                 "grad_cosine": stats.surgery.cosine if stats.surgery else None,
                 "projected": stats.surgery.projected if stats.surgery else None,
                 "grad_norm": stats.grad_norm,
@@ -331,7 +355,9 @@ def train(
                 metrics.log(record)
                 progress_bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    progress_bar.set_postfix(task_loss=f"{stats.task_loss:.4g}", lam=record["lambda"])
+                    progress_bar.set_postfix(task_loss=f"{stats.task_loss:.4g}",
+                                             **({"lam": ",".join(f"{v:.3g}" for v in retention.lambdas().values())}
+                                                if retention else {}))
                     if progress is not None:
                         progress(step, cfg.steps, record)
 
@@ -383,7 +409,8 @@ def train(
         "plot": str(plot_path),
         "retention": retention is not None,
         "cache_type": cache_type,
-        "final_lambda": retention.lam.value if retention else None,
+        "final_lambda": retention.lambdas() if retention else None,
+        "targets": retention.targets if retention else None,
         "skipped_nonfinite_steps": skipped_nonfinite,
         "wall_time_s": time.time() - wall_start,
         "num_processes": accelerator.num_processes,

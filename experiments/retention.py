@@ -78,7 +78,8 @@ def run_one(config_json: str, policy: str, seed: int, threads: int) -> dict:
 
     rows = [{"policy": policy, "run": run, "seed": seed, **report_metrics(report, run)} for run in report["runs"]]
     train_logs = {
-        run: [{k: r.get(k) for k in ("step", "task_loss", "retention_loss", "lambda", "epsilon", "projected")}
+        run: [{k: v for k, v in r.items() if k in ("step", "task_loss", "retention_loss", "projected")
+               or k.startswith(("lambda/", "epsilon/", "retention_loss/"))}
               for r in read_metrics(refs[f"train_{run}"].result["metrics"])]
         for run in pipeline.runs
     }
@@ -98,18 +99,21 @@ def run_one(config_json: str, policy: str, seed: int, threads: int) -> dict:
 
 def report_metrics(report: dict, run: str) -> dict:
     """The numbers of one run in an eval report, flat: ``<name>_loss``, ``drift_*``, ``<sim>_success``..."""
+    from craft_core.evaluation.drift import drift_columns
+
     metrics = dict(report.get("measures", {}).get(run, {}))
     drift = report.get("drift", {}).get(run)
     if drift:
-        metrics["drift_anchors"], metrics["drift_anchors_cosine"] = drift["mse"], drift["cosine"]
+        metrics.update(drift_columns(drift, "anchors"))
     for name, sim in report.get("sim", {}).get(run, {}).items():
         metrics[f"{name}_success"] = sim["success_rate"]
         if sim.get("action_decode_failure_rate") is not None:
             metrics[f"{name}_decode_failures"] = sim["action_decode_failure_rate"]
     train = report.get("train", {}).get(run) or {}
-    for key in ("final_task_loss", "final_lambda"):
-        if train.get(key) is not None:
-            metrics[key] = train[key]
+    if train.get("final_task_loss") is not None:
+        metrics["final_task_loss"] = train["final_task_loss"]
+    for target, value in (train.get("final_lambda") or {}).items():
+        metrics[f"final_lambda_{target}"] = value
     return metrics
 
 
@@ -251,7 +255,9 @@ def plot_policy(policy: str, results: list[dict], out_png: Path) -> Path | None:
     curve_keys = list(dict.fromkeys(k for r in mine for points in r["curves"].values() for p in points
                                     for k in p if k != "step" and not k.endswith("_cosine")))
     success_keys = list(dict.fromkeys(k for r in mine for row in r["rows"] for k in row if k.endswith("_success")))
-    panels = [*curve_keys, "lambda", "epsilon"] + (["success"] if success_keys else [])
+    dual_keys = list(dict.fromkeys(k for r in mine for log in r["train_logs"].values() for p in log for k in p
+                                   if k.startswith(("lambda/", "epsilon/"))))
+    panels = [*curve_keys, *dual_keys] + (["success"] if success_keys else [])
     runs = list(dict.fromkeys(run for r in mine for run in r["train_logs"]))
     colors = {run: f"C{i}" for i, run in enumerate(runs)}
     n_cols = 2
@@ -264,7 +270,7 @@ def plot_policy(policy: str, results: list[dict], out_png: Path) -> Path | None:
         for r in mine:
             teacher = next((row for row in r["rows"] if row["run"] == "teacher"), {})
             for run in runs:
-                if key in ("lambda", "epsilon"):
+                if key.startswith(("lambda/", "epsilon/")):
                     points = [(p["step"], p[key]) for p in r["train_logs"].get(run, []) if p.get(key) is not None]
                 else:
                     points = [(0, teacher.get(key))] + [(p["step"], p.get(key)) for p in r["curves"].get(run, [])]

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             "craft": {c: craft[c]["mean"] for c in COLUMNS},
             "teacher": {c: summary["teacher"][c]["mean"] for c in COLUMNS},
             "drift_ratio": baseline["drift_anchors"]["mean"] / max(craft["drift_anchors"]["mean"], 1e-12),
-            "final_lambda": craft["final_lambda"]["values"],
+            "final_lambda": craft["final_lambda_prefix"]["values"],
         })
         log(f"{name}: {json.dumps(rows[-1]['craft'])}")
 

@@ -19,7 +19,7 @@ import craft_core
 from craft_core.config import CacheConfig, EvalConfig, PolicySource
 from craft_core.devices import resolve_device
 from craft_core.evaluation.action_loss import HeldoutActionLoss
-from craft_core.evaluation.drift import DriftAccumulator, measure_drift
+from craft_core.evaluation.drift import DriftAccumulator, drift_columns, measure_drift
 from craft_core.evaluation.report import comparison_rows, render_markdown, write_report
 from craft_core.evaluation.sim import (
     SimulatorUnavailableError,
@@ -161,8 +161,7 @@ def evaluate(
         """Losses and drifts of one loaded policy: the numbers of a report row or a curve point."""
         row = {f"{name}_loss": loss(policy) for name, loss in action_losses.items()}
         for name, anchors in drift_sets.items():
-            drift = anchors.drift(policy, anchors.for_policy(policy), cfg.drift_batch_size)
-            row[f"drift_{name}"], row[f"drift_{name}_cosine"] = drift["mse"], drift["cosine"]
+            row.update(drift_columns(anchors.drift(policy, anchors.for_policy(policy), cfg.drift_batch_size), name))
         return row
 
     report: dict = {
@@ -257,7 +256,7 @@ def _curve(name: str, train_result: dict, heldout, measure, drift_batch_size: in
             policy = load_policy(run_source(name, path, None))
             point = {"step": int(step), **measure(policy)}
             if heldout is not None:
-                point["drift_anchors"] = heldout.drift(policy, heldout.for_policy(policy), drift_batch_size)["mse"]
+                point.update(drift_columns(heldout.drift(policy, heldout.for_policy(policy), drift_batch_size), "anchors"))
         points.append(point)
         del policy
         gc.collect()
@@ -275,12 +274,16 @@ def extract_drift_sets(cfg: EvalConfig, *, teacher: PolicySource, store_info: di
     """
     from craft_core.extraction import extract_anchors
 
+    targets = store_info["targets"]
+    action = targets.get("action_output", {})
     stores = {}
     for drift_set in cfg.drift_sets:
         url = str(Path(out_dir) / DRIFT_STORES_DIR / f"{drift_set.name}.zarr")
         extract_anchors(CacheConfig(
             teacher=teacher, dataset=drift_set.dataset, n_anchors=drift_set.n_anchors, heldout_fraction=0.0,
-            layers=list(store_info["layers"]), pooling=list(store_info["pooling"]),
+            targets=list(targets), layers=list(store_info["layers"] or [-1]),
+            pooling=list(store_info["pooling"] or ["vision_token_mean"]),
+            action_output={"top_k": int(action.get("top_k", 8)), "flow_steps": action.get("steps")},
             dtype=store_info.get("dtype") or "float32", device=cfg.device, seed=0,
         ), url)
         stores[drift_set.name] = url

@@ -1,12 +1,14 @@
-"""Representation drift: how far a policy's pooled hidden states moved from the teacher's.
+"""Drift: how far a policy moved from the teacher on the anchor store's targets.
 
-Measured on the anchor store's held-out anchors (never used as a training constraint), with the
-same adapter, absolute layers and pooling strategies the store was built with, so the teacher
-itself drifts by ~0 (exactly 0 up to float rounding with a float32 store; a float16 store adds
-its own storage rounding, ~1e-7 in mse for unit-scale activations).
+Measured on the store's held-out anchors (never used as a training constraint), for every target
+the store holds: the pooled prefix hidden states (mse and cosine distance, with the same adapter,
+absolute layers and pooling strategies the store was built with) and the action outputs (their
+retention loss). The teacher itself drifts by ~0 (exactly 0 up to float rounding with a float32
+store; a float16 store adds its own storage rounding, ~1e-7 in mse for unit-scale activations).
 """
 
 import contextlib
+from dataclasses import replace
 from collections.abc import Iterable
 
 import torch
@@ -61,39 +63,54 @@ class DriftAccumulator:
         }
 
 
+def _autocast(device_type: str, autocast: str | None):
+    if autocast and device_type == "cuda":
+        return torch.autocast(device_type, dtype=getattr(torch, autocast))
+    return contextlib.nullcontext()
+
+
 def measure_drift(
     policy,
-    batches: Iterable[tuple[dict[str, Tensor], Tensor]],
-    layers: list[int],
-    pooling: list[str],
+    batches: Iterable[tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]],
+    request,
     *,
     autocast: str | None = None,
 ) -> dict:
-    """Drift of ``policy`` over ``(stored inputs, teacher_hidden)`` batches of held-out anchors.
+    """Drift of ``policy`` over ``(stored inputs, stored targets)`` batches of held-out anchors.
 
-    ``autocast`` ("bfloat16") repeats the extraction's CUDA autocast, so that the teacher is
-    compared with vectors computed the way it computes them (else bf16-vs-fp32 noise reads as drift).
+    ``prefix``: mse and cosine distance of the pooled hidden states, per (layer, pooled vector);
+    every other target of ``request``: its retention loss (KL for FAST distributions, velocity mse
+    for flow matching), averaged over anchors. ``autocast`` ("bfloat16") repeats the extraction's
+    CUDA autocast, so that the teacher is compared with outputs computed the way it computed them.
     """
     from craft_core.policies import get_adapter
 
     adapter = get_adapter(policy)
-    accumulator = DriftAccumulator(layers, pooling)
+    prefix = "prefix" in request.targets
+    others = [t for t in request.targets if t != "prefix"]
+    accumulator = DriftAccumulator(list(request.layers), list(request.pooling)) if prefix else None
+    sums = {target: 0.0 for target in others}
+    n = 0
     was_training = policy.training
     policy.eval()
-    device_type = adapter.device.type
-    amp = (
-        torch.autocast(device_type, dtype=getattr(torch, autocast))
-        if autocast and device_type == "cuda"
-        else contextlib.nullcontext()
-    )
     try:
-        with torch.no_grad(), amp:
-            for inputs, teacher_hidden in batches:
-                student = adapter.pooled(inputs, layers, pooling)
-                accumulator.add(student, torch.as_tensor(teacher_hidden))
+        with torch.no_grad(), _autocast(adapter.device.type, autocast):
+            for inputs, stored in batches:
+                batch_size = len(next(iter(inputs.values())))
+                if prefix:
+                    student = adapter.pooled(inputs, request.layers, request.pooling)
+                    accumulator.add(student, torch.as_tensor(stored["prefix"]["hidden"]))
+                if others:
+                    losses = adapter.retention_losses(inputs, stored, replace(request, targets=tuple(others)))
+                    for target in others:
+                        sums[target] += float(losses[target]) * batch_size
+                n += batch_size
     finally:
         policy.train(was_training)
-    return accumulator.result()
+    result = accumulator.result() if prefix else {"n_anchors": n, "mse": None, "cosine": None, "per_vector": []}
+    result["targets"] = {"prefix": result["mse"]} if prefix else {}
+    result["targets"].update({target: total / max(n, 1) for target, total in sums.items()})
+    return result
 
 
 class HeldoutAnchors:
@@ -106,18 +123,12 @@ class HeldoutAnchors:
         self.split = split
         self.url = store.url
         self.info = store.info()
-        if store.kind != "hidden_state":
-            raise ValueError(
-                f"anchor store {self.url} is a {store.kind} cache: it holds no teacher hidden states to measure "
-                f"drift against. Point eval at a hidden_state store, or set eval.drift=false."
-            )
+        self.request = store.request()
         if split == "heldout" and self.info["n_heldout"] == 0:
             raise ValueError(
                 f"anchor store {self.url} has no held-out anchors, so drift cannot be measured without using "
                 f"training anchors. Re-run the cache stage with cache.heldout_fraction > 0, or set eval.drift=false."
             )
-        self.layers = [int(layer) for layer in self.info["layers"]]
-        self.pooling = list(self.info["pooling"])
         # How extraction computed the teacher vectors ({"device_type", "autocast"}); older stores lack it.
         self.compute = dict(store.attrs.get("compute") or {})
 
@@ -143,10 +154,8 @@ class HeldoutAnchors:
 
     def drift(self, policy, dataset, batch_size: int) -> dict:
         """Drift of ``policy`` on every anchor of ``dataset``'s split (from :meth:`for_policy`)."""
-        batches = (
-            (batch["inputs"], batch["teacher_hidden"]) for batch in dataset.loader(batch_size, shuffle=False)
-        )
-        result = measure_drift(policy, batches, self.layers, self.pooling, autocast=self.compute.get("autocast"))
+        batches = ((batch["inputs"], batch["targets"]) for batch in dataset.loader(batch_size, shuffle=False))
+        result = measure_drift(policy, batches, self.request, autocast=self.compute.get("autocast"))
         result["teacher_hidden_dtype"] = self.info["dtype"]
         result["teacher_compute"] = self.compute
         return result
@@ -154,3 +163,16 @@ class HeldoutAnchors:
 
 def open_heldout(store_url: str, split: str = "heldout") -> HeldoutAnchors:
     return HeldoutAnchors(store_url, split)
+
+
+def drift_columns(result: dict, name: str) -> dict[str, float | None]:
+    """Flat report columns of one drift result: ``drift_<name>`` (prefix mse), ``drift_<name>_cosine``
+    and ``drift_<name>_<target>`` for every other target."""
+    columns = {}
+    if result.get("mse") is not None:
+        columns[f"drift_{name}"] = result["mse"]
+        columns[f"drift_{name}_cosine"] = result["cosine"]
+    for target, value in (result.get("targets") or {}).items():
+        if target != "prefix":
+            columns[f"drift_{name}_{target}"] = value
+    return columns

@@ -24,6 +24,8 @@ def comparison_rows(report: dict) -> list[dict]:
         if report.get("drift"):
             row["drift mse"] = drift["mse"] if drift else None
             row["drift cosine"] = drift["cosine"] if drift else None
+            for target in _drift_targets(report):
+                row[f"drift {target}"] = (drift or {}).get("targets", {}).get(target)
         for key, value in report.get("measures", {}).get(run, {}).items():
             row[key.replace("_", " ")] = value
         if report.get("train"):
@@ -31,6 +33,12 @@ def comparison_rows(report: dict) -> list[dict]:
         rows.append(row)
     columns = list(dict.fromkeys(key for row in rows for key in row))
     return [{column: row.get(column) for column in columns} for row in rows]
+
+
+def _drift_targets(report: dict) -> list[str]:
+    """The non-prefix targets drift was measured for (the prefix is the mse/cosine columns)."""
+    return list(dict.fromkeys(t for d in report.get("drift", {}).values() if d for t in d.get("targets", {})
+                              if t != "prefix"))
 
 
 def _fmt(value) -> str:
@@ -84,11 +92,13 @@ def render_markdown(report: dict) -> str:
         lines += [
             f"## Drift from the teacher: {run}",
             "",
-            f"{drift['n_anchors']} held-out anchors of `{report['store']}`; mse {_fmt(drift['mse'])}, "
-            f"cosine distance {_fmt(drift['cosine'])} (means over layers × pooled vectors).",
+            f"{drift['n_anchors']} held-out anchors of `{report['store']}`; prefix mse {_fmt(drift['mse'])}, "
+            f"cosine distance {_fmt(drift['cosine'])} (means over layers × pooled vectors)"
+            + "".join(f"; {t} {_fmt(v)}" for t, v in drift.get("targets", {}).items() if t != "prefix") + ".",
             "",
         ]
-        lines += _table(drift["per_vector"]) + [""]
+        if drift["per_vector"]:
+            lines += _table(drift["per_vector"]) + [""]
 
     if report.get("fingerprints"):
         lines += ["## Stage fingerprints", ""]

@@ -1,10 +1,10 @@
 """What craft needs from a lerobot VLA policy: the adapter contract every policy type implements.
 
-An adapter knows one policy type's prefix (what the VLM backbone sees before any action
-token): which tensors of a preprocessed batch are the exact prefix inputs worth storing per
-anchor, and how to run the backbone over them to get hidden states plus the boolean masks of
-image positions and of valid language positions, taken from the policy's own prefix
-construction rather than from hard-coded token counts.
+An adapter knows one policy type's anchor inputs and retention targets: which tensors of a
+preprocessed batch are the exact model inputs worth storing per anchor, how to run the backbone
+over them to get prefix hidden states plus the boolean masks of image positions and of valid
+language positions (taken from the policy's own prefix construction rather than from hard-coded
+token counts), and, where the policy type supports it, the teacher's outputs on the action path.
 """
 
 from abc import ABC, abstractmethod
@@ -38,16 +38,44 @@ class PrefixHiddenStates:
     text_mask: Tensor  # [B, T] bool: positions holding valid (non-padding) language tokens
 
 
-class PolicyAdapter(ABC):
-    """One lerobot policy type as craft sees it: its prefix inputs and hidden states.
+@dataclass(frozen=True)
+class TargetRequest:
+    """Which retention targets to compute on a batch of anchors, and how.
 
-    Optional capabilities are declared here, not discovered with ``hasattr``: an adapter that
-    can decode its teacher's own action tokens sets ``supports_token_labels`` and implements
-    ``label_spec``, ``teacher_action_token_labels`` and ``token_level_loss``.
+    ``layers`` (absolute) and ``pooling`` define the ``prefix`` target; ``prefix_loss`` its distance
+    (mse / cosine / l1); ``top_k`` and ``flow_steps`` the ``action_output`` probes (see
+    ``craft_core.config.ActionOutputConfig``). ``anchor_ids`` (extraction only) seed the per-anchor
+    noise of flow-matching probes, so a probe depends on the anchor, never on the batch it is in.
+    """
+
+    targets: tuple[str, ...]
+    layers: tuple[int, ...] = ()
+    pooling: tuple[str, ...] = ()
+    prefix_loss: str = "mse"
+    top_k: int = 8
+    flow_steps: int | None = None
+    dtype: str = "float32"
+    noise_seed: int = 0
+
+
+class PolicyAdapter(ABC):
+    """One lerobot policy type as craft sees it: its anchor inputs and its retention targets.
+
+    Retention targets (``retention_targets`` declares which this type can produce and compare):
+
+    - ``prefix``: pooled hidden states of the VLM prefix (what the backbone sees before any action
+      token), every adapter;
+    - ``action_output``: the teacher's outputs on the action path on stored probes (pi0_fast: its
+      next-token distributions at its own greedy FAST tokens; pi0/pi05/smolvla: its velocity on its
+      own sampling trajectory from stored noise).
+
+    ``teacher_targets`` computes the stored arrays of the requested targets (extraction) and
+    ``retention_losses`` the student's differentiable loss per target (training), both from one
+    forward over the anchor batch where the policy allows it.
     """
 
     policy_type: ClassVar[str]
-    supports_token_labels: ClassVar[bool] = False
+    retention_targets: ClassVar[tuple[str, ...]] = ("prefix",)
 
     def __init__(self, policy: torch.nn.Module):
         self.policy = policy
@@ -67,12 +95,12 @@ class PolicyAdapter(ABC):
         return resolve_layers(layers, self.depth)
 
     @abstractmethod
-    def input_spec(self) -> dict[str, ArraySpec]:
-        """Per-anchor arrays that reproduce the prefix exactly."""
+    def input_spec(self, targets: Sequence[str] = ("prefix",)) -> dict[str, ArraySpec]:
+        """Per-anchor arrays that reproduce the model inputs the ``targets`` need exactly."""
 
     @abstractmethod
-    def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
-        """Exact prefix inputs of a preprocessed batch, as CPU tensors matching ``input_spec``."""
+    def anchor_inputs(self, batch: dict, targets: Sequence[str] = ("prefix",)) -> dict[str, Tensor]:
+        """Exact model inputs of a preprocessed batch, as CPU tensors matching ``input_spec(targets)``."""
 
     @abstractmethod
     def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:
@@ -89,18 +117,42 @@ class PolicyAdapter(ABC):
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
-    # -- optional: token-level targets (``supports_token_labels``) -------------------------------
-    def label_spec(self) -> dict[str, ArraySpec]:
-        """Per-anchor label arrays of a token-level cache."""
-        raise NotImplementedError(f"{self.policy_type} has no token-level labels")
+    def check_targets(self, targets: Sequence[str]) -> None:
+        unknown = [t for t in targets if t not in self.retention_targets]
+        if unknown:
+            raise ValueError(
+                f"{self.policy_type} cannot produce the retention target(s) {unknown}; it supports "
+                f"{list(self.retention_targets)}"
+            )
 
-    def teacher_action_token_labels(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The teacher's own greedy action tokens on stored inputs, laid out like ``label_spec``."""
-        raise NotImplementedError(f"{self.policy_type} cannot decode its own action tokens")
+    # -- retention targets -----------------------------------------------------------------------
+    def target_spec(self, target: str, request: TargetRequest) -> tuple[dict[str, ArraySpec], dict]:
+        """Per-anchor arrays of one target (name -> spec) and its descriptive attributes."""
+        self.check_targets([target])
+        if target == "prefix":
+            shape = (len(request.layers), len(request.pooling), self.hidden_size)
+            return {"hidden": ArraySpec(shape, request.dtype)}, {"layers": list(request.layers),
+                                                                 "pooling": list(request.pooling)}
+        return self.action_target_spec(request)
 
-    def token_level_loss(self, inputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
-        """The policy's own loss on stored inputs and stored label tokens."""
-        raise NotImplementedError(f"{self.policy_type} has no token-level loss")
+    def action_target_spec(self, request: TargetRequest) -> tuple[dict[str, ArraySpec], dict]:
+        raise NotImplementedError(f"{self.policy_type} has no action_output target")
+
+    def teacher_targets(self, inputs: dict[str, Tensor], request: TargetRequest,
+                        anchor_ids: Tensor | None = None) -> dict[str, dict[str, Tensor]]:
+        """The stored arrays of every requested target (CPU tensors, ``target_spec`` layouts)."""
+        self.check_targets(request.targets)
+        pooled = self.pooled(inputs, request.layers, request.pooling)
+        return {"prefix": {"hidden": pooled.detach().cpu()}}
+
+    def retention_losses(self, inputs: dict[str, Tensor], stored: dict[str, dict[str, Tensor]],
+                         request: TargetRequest) -> dict[str, Tensor]:
+        """The student's loss per requested target against the stored arrays (differentiable)."""
+        from craft_core.losses import retention_loss
+
+        self.check_targets(request.targets)
+        pooled = self.pooled(inputs, request.layers, request.pooling)
+        return {"prefix": retention_loss(pooled, stored["prefix"]["hidden"].to(pooled.device), request.prefix_loss)}
 
 
 def resolve_layers(layers: Sequence[int], depth: int) -> list[int]:

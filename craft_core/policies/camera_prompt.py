@@ -17,6 +17,7 @@ prefix embeds (smolvla's state token).
 """
 
 from abc import abstractmethod
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ class CameraPromptAdapter(PolicyAdapter):
     def _camera_keys(self) -> list[str]:
         return list(self.policy.config.image_features)
 
-    def input_spec(self) -> dict[str, ArraySpec]:
+    def input_spec(self, targets: Sequence[str] = ("prefix",)) -> dict[str, ArraySpec]:
         height, width = self._image_hw()
         n_cameras = len(self._camera_keys)
         length = int(self.policy.config.tokenizer_max_length)
@@ -95,9 +96,9 @@ class CameraPromptAdapter(PolicyAdapter):
             "lang_masks": torch.nn.functional.pad(masks, (0, pad)).cpu(),
         }
 
-    def _check_inputs(self, inputs: dict[str, Tensor]) -> None:
+    def _check_inputs(self, inputs: dict[str, Tensor], targets: Sequence[str] = ("prefix",)) -> None:
         """Every field of ``input_spec`` is there with its shape and dtype, or an error names it."""
-        spec = self.input_spec()
+        spec = self.input_spec(targets)
         for name, array_spec in spec.items():
             if name not in inputs:
                 raise KeyError(f"{self.policy_type} adapter: inputs lack {name!r}; expected {sorted(spec)}")
@@ -146,7 +147,7 @@ class PaliGemmaCameraPromptAdapter(CameraPromptAdapter):
         height, width = self.policy.config.image_resolution
         return int(height), int(width)
 
-    def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
+    def anchor_inputs(self, batch: dict, targets: Sequence[str] = ("prefix",)) -> dict[str, Tensor]:
         inputs = self._camera_prompt_inputs(batch)
         self._check_inputs(inputs)
         return inputs

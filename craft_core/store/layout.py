@@ -1,15 +1,26 @@
-"""The anchor store's schema (v1): array paths, block layout, held-out split, fingerprint.
+"""The anchor store's schema (v2): array paths, block layout, digests, held-out split, fingerprint.
 
 Layout (N anchors, chunked along N, every array with the same chunk length):
 
-    teacher_hidden          [N, L, V, D] float16|float32   (kind "hidden_state")
-    labels/<name>           [N, *spec.shape] spec.dtype    teacher target tokens (kind "token_level")
-    inputs/<name>           [N, *spec.shape] spec.dtype    exact prefix inputs (adapter.input_spec())
+    targets/<target>/<array>  [N, *spec.shape]      the teacher's retention targets, one group per
+                                                    target (``prefix``: ``hidden [L, V, D]``;
+                                                    ``action_output``: probes and outputs, see the
+                                                    policy adapters); described by attrs["targets"]
+    inputs/<name>             [N, *spec.shape]      exact model inputs (adapter.input_spec(targets))
     provenance/episode_index, provenance/frame_index [N] int64; provenance/task [N] str
-    split/heldout           [N] bool                       anchors kept out of training (for drift eval)
-    progress/block_written  [n_blocks] uint8, one Zarr chunk per block
+    split/heldout             [N] bool              anchors kept out of training (for drift eval)
+    progress/block_written    [n_blocks] uint8      one Zarr chunk per block: written last
+    progress/block_digests    [n_blocks, n_arrays] uint64   per block and array, a digest of the
+                                                    decoded values (order: attrs["digest_arrays"])
 
-A *block* is the unit of writing: one Zarr shard when sharding is on, else one chunk.
+A *block* is the unit of writing: one Zarr shard when sharding is on, else one chunk. Digests are
+taken of the decoded values, so a missing chunk (which Zarr would read as fill values), a
+truncated or garbage one is caught whatever the codec. ``attrs["identity_digest"]`` covers every
+identity-bearing attribute (layers, pooling, targets, teacher, input spec...), so an attribute
+changed to another valid value is caught too.
+
+Schema v1 stores (``teacher_hidden`` or ``labels/*``, no digests) are still read: as targets
+``[prefix]`` (kind ``hidden_state``) or ``[action_output]`` with hard labels (kind ``token_level``).
 """
 
 from __future__ import annotations
@@ -26,20 +37,32 @@ import zarr
 from craft_core import __version__ as CRAFT_VERSION
 from craft_core.policies.base import ArraySpec
 
-SCHEMA_VERSION = 1
-KINDS = ("hidden_state", "token_level")
-TEACHER_DTYPES = ("float16", "float32")
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+TARGET_DTYPES = ("float16", "float32")
 DEFAULT_CHUNK_BYTES = 16 * 2**20
 
-TEACHER = "teacher_hidden"
-LABELS = "labels"  # a group: labels/<name> per label spec
+TARGETS = "targets"  # a group: targets/<target>/<array>
 HELDOUT = "split/heldout"
 MARKERS = "progress/block_written"
+DIGESTS = "progress/block_digests"
 PROVENANCE = {
     "provenance/episode_index": ArraySpec((), "int64"),
     "provenance/frame_index": ArraySpec((), "int64"),
     "provenance/task": ArraySpec((), "str"),
 }
+
+# Schema v1 paths, read as targets.
+V1_TEACHER = "teacher_hidden"
+V1_LABELS = "labels"
+V1_LABEL_NAMES = {"action_tokens": "tokens", "action_token_mask": "token_mask"}
+
+# Attributes that say what the store holds; their digest is recorded at creation and checked on open.
+IDENTITY_ATTRS = (
+    "schema_version", "n_anchors", "chunk_anchors", "shard_chunks", "block_anchors", "n_blocks", "input_spec",
+    "targets", "digest_arrays", "layers", "pooling", "depth", "hidden_size", "dtype", "teacher", "dataset",
+    "sampling", "compute", "fingerprint", "noise_seed",
+)
 
 
 class AnchorStoreError(ValueError):
@@ -52,6 +75,14 @@ class AnchorStoreError(ValueError):
         self.remedy = remedy
 
 
+def target_path(target: str, array: str) -> str:
+    return f"{TARGETS}/{target}/{array}"
+
+
+def input_path(name: str) -> str:
+    return f"inputs/{name}"
+
+
 # ---------------------------------------------------------------- layout of a new store
 
 
@@ -59,45 +90,44 @@ class AnchorStoreError(ValueError):
 class StoreLayout:
     """Everything that fixes the arrays of a store before any anchor is written."""
 
-    kind: str
     n_anchors: int
     input_spec: dict[str, ArraySpec]
-    teacher_shape: tuple[int, int, int] | None = None  # (L, V, D), kind "hidden_state"
-    teacher_dtype: str = "float16"
-    labels_spec: dict[str, ArraySpec] | None = None  # per-anchor label arrays, kind "token_level"
+    targets: dict[str, dict[str, ArraySpec]]  # target -> array -> per-anchor spec
+    target_attrs: dict[str, dict] = field(default_factory=dict)  # target -> what describes it (probe kind, k...)
     chunk_anchors: int | None = None  # None: chosen so the widest array's chunks are ~16 MB
     shard_chunks: int | None = None  # chunks per Zarr shard; None = no sharding
     attrs: dict[str, Any] = field(default_factory=dict)  # teacher/dataset identity, layers, pooling...
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"store kind must be one of {KINDS}, got {self.kind!r}")
         if self.n_anchors < 1:
             raise ValueError(f"n_anchors must be >= 1, got {self.n_anchors}")
-        if self.kind == "hidden_state":
-            if self.teacher_shape is None or len(self.teacher_shape) != 3:
-                raise ValueError("a hidden_state store needs teacher_shape = (layers, pooled vectors, hidden size)")
-            if self.teacher_dtype not in TEACHER_DTYPES:
-                raise ValueError(f"teacher dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
-        if self.kind == "token_level" and self.labels_spec is None:
-            raise ValueError("a token_level store needs labels_spec (per-anchor shapes and dtypes of the label arrays)")
+        if not self.targets:
+            raise ValueError("a store needs at least one retention target")
+        for target, arrays in self.targets.items():
+            if not arrays:
+                raise ValueError(f"target {target!r} has no arrays")
         if self.chunk_anchors is None:
             self.chunk_anchors = default_chunk_anchors(self.per_anchor_specs(), self.n_anchors)
         self.chunk_anchors = min(int(self.chunk_anchors), self.n_anchors)
 
     def per_anchor_specs(self) -> dict[str, ArraySpec]:
-        """Every anchor-indexed array of the store, by path."""
+        """Every anchor-indexed array of the store, by path, in digest order."""
         specs: dict[str, ArraySpec] = {}
-        if self.kind == "hidden_state":
-            specs[TEACHER] = ArraySpec(tuple(self.teacher_shape), self.teacher_dtype)
-        else:
-            for name, spec in self.labels_spec.items():
-                specs[f"{LABELS}/{name}"] = spec
+        for target, arrays in self.targets.items():
+            for name, spec in arrays.items():
+                specs[target_path(target, name)] = spec
         for name, spec in self.input_spec.items():
-            specs[f"inputs/{name}"] = spec
+            specs[input_path(name)] = spec
         specs.update(PROVENANCE)
         specs[HELDOUT] = ArraySpec((), "bool")
         return specs
+
+    def targets_attr(self) -> dict[str, dict]:
+        return {
+            target: {**self.target_attrs.get(target, {}),
+                     "arrays": {name: spec.to_json() for name, spec in arrays.items()}}
+            for target, arrays in self.targets.items()
+        }
 
     @property
     def block_anchors(self) -> int:
@@ -106,11 +136,12 @@ class StoreLayout:
 
 def default_chunk_anchors(specs: dict[str, ArraySpec], n_anchors: int, target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Anchors per chunk so that the widest array's chunks hold about ``target_bytes``."""
-    widest = max(_bytes_per_anchor(spec) for spec in specs.values())
+    widest = max(bytes_per_anchor(spec) for spec in specs.values())
     return max(1, min(n_anchors, target_bytes // max(widest, 1)))
 
 
-def _bytes_per_anchor(spec: ArraySpec) -> int:
+def bytes_per_anchor(spec: ArraySpec) -> int:
+    """Uncompressed bytes of one anchor's entry of an array (strings counted at 16 bytes)."""
     itemsize = 16 if spec.dtype == "str" else np.dtype(spec.dtype).itemsize
     return int(np.prod(spec.shape, dtype=np.int64)) * itemsize
 
@@ -151,6 +182,25 @@ def store_fingerprint(content: dict[str, Any]) -> str:
     """Hash of everything that decides a store's content (config, teacher, dataset, craft version)."""
     payload = {"content": content, "schema_version": SCHEMA_VERSION, "craft_version": CRAFT_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def block_digest(values: np.ndarray) -> int:
+    """64-bit digest of an array's decoded values (dtype, shape and bytes), never 0."""
+    values = np.asarray(values)
+    digest = hashlib.blake2b(digest_size=8)
+    if values.dtype.kind in ("U", "O", "T"):  # text: its characters, whatever string dtype decodes it
+        digest.update(f"str{values.shape}".encode())
+        digest.update("\0".join(str(v) for v in values.reshape(-1)).encode())
+    else:
+        digest.update(f"{values.dtype.str}{values.shape}".encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+    return int.from_bytes(digest.digest(), "little") or 1
+
+
+def identity_digest(attrs: dict) -> str:
+    """Digest of the identity-bearing attributes (``IDENTITY_ATTRS``) of a store."""
+    identity = {key: attrs.get(key) for key in IDENTITY_ATTRS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def open_group(url: str | Path, mode: str) -> zarr.Group:

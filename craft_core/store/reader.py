@@ -1,7 +1,10 @@
 """Reading a store: the validated handle, and torch reading in chunk-aware batches.
 
-``open_anchor_store`` refuses anything incomplete, of another schema, or inconsistent; whether the
-store fits a given student is :func:`craft_core.store.validation.check_fits_student`.
+``open_anchor_store`` refuses anything incomplete, of another schema, inconsistent or damaged:
+it checks the structure and the identity attributes, then reads every teacher target (small)
+completely, checking each block against the digest recorded when it was written. The model inputs
+(large) are checked as they are read, block by block, by :class:`AnchorDataset`. Whether the store
+fits a given student is :func:`craft_core.store.validation.check_fits_student`.
 """
 
 from __future__ import annotations
@@ -14,27 +17,37 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import zarr
-import zarr.errors
 
-from craft_core.policies.base import ArraySpec
-from craft_core.store.layout import HELDOUT, LABELS, MARKERS, PROVENANCE, TEACHER, AnchorStoreError, open_group
-from craft_core.store.validation import check_structure, check_values
+from craft_core.policies.base import TargetRequest
+from craft_core.store.layout import DIGESTS, HELDOUT, MARKERS, PROVENANCE, AnchorStoreError, block_ranges, open_group
+from craft_core.store.validation import (
+    DAMAGED,
+    StoreDescription,
+    check_structure,
+    check_values,
+    read_block,
+    request_from_attrs,
+    verify_block,
+)
 
 
 class AnchorStore:
     """A validated, read-only handle on a complete store."""
 
-    def __init__(self, url: str | Path, group: zarr.Group, attrs: dict):
+    def __init__(self, url: str | Path, group, attrs: dict, description: StoreDescription):
         self.url = str(url)
         self.group = group
         self.attrs = attrs
-        self.kind: str = attrs["kind"]
-        self.n_anchors: int = int(attrs["n_anchors"])
+        self.description = description
+        self.n_anchors: int = description.n_anchors
         self.chunk_anchors: int = int(attrs["chunk_anchors"])
-        self.input_spec = {name: ArraySpec.from_json(spec) for name, spec in attrs["input_spec"].items()}
-        self.labels_spec = {name: ArraySpec.from_json(spec) for name, spec in (attrs.get("labels_spec") or {}).items()}
-        self.heldout = group[HELDOUT][:].astype(bool)
+        self.block_anchors: int = int(attrs.get("block_anchors") or self.chunk_anchors)
+        self.blocks = block_ranges(self.n_anchors, self.block_anchors)
+        self.input_spec = description.input_spec
+        self.targets: dict[str, dict] = description.targets
+        self.target_arrays = description.target_arrays
+        self.digests = read_block(self.url, group, DIGESTS, 0, len(self.blocks)) if description.schema_version >= 2 else None
+        self.heldout = self.read(0, self.n_anchors, [HELDOUT])[HELDOUT].astype(bool)
 
     @property
     def train_indices(self) -> np.ndarray:
@@ -44,16 +57,35 @@ class AnchorStore:
     def heldout_indices(self) -> np.ndarray:
         return np.flatnonzero(self.heldout)
 
-    def array_names(self) -> list[str]:
-        targets = [TEACHER] if self.kind == "hidden_state" else [f"{LABELS}/{name}" for name in self.labels_spec]
-        return [*targets, *(f"inputs/{name}" for name in self.input_spec)]
+    def request(self, targets: Sequence[str] | None = None, prefix_loss: str = "mse") -> TargetRequest:
+        """The TargetRequest that reproduces this store's targets (all, or ``targets``)."""
+        return request_from_attrs(self.attrs, self.targets, list(targets or self.targets), prefix_loss)
 
-    def read(self, start: int, stop: int, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """A contiguous range of anchors, as numpy arrays keyed by array path."""
-        return {name: self.group[name][start:stop] for name in (names or self.array_names())}
+    def array_names(self) -> list[str]:
+        return [*self.description.target_paths(), *(f"inputs/{name}" for name in self.input_spec)]
+
+    def read(self, start: int, stop: int, names: Sequence[str] | None = None, *, verify: bool = True) -> dict[str, np.ndarray]:
+        """Anchors ``start..stop-1`` as numpy arrays keyed by array path; with ``verify`` (default) the
+        range must be whole blocks, each checked against its recorded digest."""
+        names = list(names or self.array_names())
+        blocks = [b for b, (lo, hi) in enumerate(self.blocks) if lo < stop and hi > start]
+        if verify and self.digests is not None and (self.blocks[blocks[0]][0] != start or self.blocks[blocks[-1]][1] != stop):
+            raise ValueError(f"verified reads cover whole blocks of {self.block_anchors} anchors, got {start}..{stop}")
+        out = {}
+        for name in names:
+            parts = []
+            for block in blocks:
+                lo, hi = max(self.blocks[block][0], start), min(self.blocks[block][1], stop)
+                values = read_block(self.url, self.group, name, lo, hi)
+                if verify:
+                    verify_block(self.url, self.description, self.digests, block, name, values)
+                parts.append(values)
+            out[name] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        return out
 
     def provenance(self) -> dict[str, np.ndarray]:
-        return {path.split("/", 1)[1]: self.group[path][:] for path in PROVENANCE}
+        values = self.read(0, self.n_anchors, list(PROVENANCE))
+        return {path.split("/", 1)[1]: values[path] for path in PROVENANCE}
 
     def info(self) -> dict:
         """The StoreInfo dict: what downstream stages need to know, JSON-able."""
@@ -61,7 +93,7 @@ class AnchorStore:
         return {
             "store_url": self.url,
             "schema_version": attrs["schema_version"],
-            "kind": self.kind,
+            "targets": {name: dict(target) for name, target in self.targets.items()},
             "n_anchors": self.n_anchors,
             "n_heldout": int(self.heldout.sum()),
             "n_train": int((~self.heldout).sum()),
@@ -69,39 +101,53 @@ class AnchorStore:
             "depth": attrs.get("depth"),
             "hidden_size": attrs.get("hidden_size"),
             "pooling": attrs.get("pooling"),
-            "dtype": attrs.get("teacher_hidden_dtype"),
+            "dtype": attrs.get("dtype") or attrs.get("teacher_hidden_dtype"),
             "teacher": attrs.get("teacher"),
             "dataset": attrs.get("dataset"),
             "input_spec": attrs["input_spec"],
-            "labels_spec": attrs.get("labels_spec"),
             "chunk_anchors": self.chunk_anchors,
             "shard_chunks": attrs.get("shard_chunks"),
             "fingerprint": attrs.get("fingerprint"),
         }
 
 
-def open_anchor_store(url: str | Path, *, validate_values: bool = True) -> AnchorStore:
-    """Open a complete store, refusing (with what is wrong and what to do) anything incomplete, of
-    another schema, or inconsistent; ``validate_values`` also reads every teacher target."""
-    url = str(url)
+def _open(url: str, mode: str):
     try:
-        group = open_group(url, "r")
-    except (FileNotFoundError, zarr.errors.NodeTypeValidationError, zarr.errors.BaseZarrError) as exc:
+        return open_group(url, mode)
+    except FileNotFoundError as exc:
         raise AnchorStoreError(
             url, f"no Zarr v3 group found there ({type(exc).__name__}: {exc})",
             "Run the cache stage (extract_anchors) or import_pt_cache to create it, or fix the path.",
         ) from None
-    attrs = dict(group.attrs)
-    check_structure(url, group, attrs, require_complete=True)
-    markers = group[MARKERS][:]
+    except Exception as exc:  # a garbage or truncated zarr.json, a node of another type
+        raise AnchorStoreError(
+            url, f"its root metadata (zarr.json) cannot be read ({type(exc).__name__}: {exc})", DAMAGED
+        ) from None
+
+
+def open_anchor_store(url: str | Path, *, verify: bool = True) -> AnchorStore:
+    """Open a complete store, refusing (with what is wrong and what to do) anything incomplete, of
+    another schema, inconsistent or damaged. ``verify`` (default) reads every teacher target,
+    the provenance and the split completely and checks them against the recorded digests and for
+    non-finite values; without it only the structure and the attributes are checked."""
+    url = str(url)
+    group = _open(url, "r")
+    try:
+        attrs = dict(group.attrs)
+    except Exception as exc:
+        raise AnchorStoreError(url, f"its attributes cannot be read ({type(exc).__name__}: {exc})", DAMAGED) from None
+    description = check_structure(url, group, attrs, require_complete=True)
+    markers = read_block(url, group, MARKERS, 0, int(attrs["n_blocks"]))
     if not markers.all():
         raise AnchorStoreError(
             url, f"it is marked complete but {int((markers == 0).sum())} blocks have no written marker",
             "The store was modified after extraction: delete it and re-run the cache stage.",
         )
-    if validate_values:
-        check_values(url, group, attrs)
-    store = AnchorStore(url, group, attrs)
+    store = AnchorStore(url, group, attrs, description)
+    if verify:
+        small = [*description.target_paths(), *PROVENANCE, HELDOUT]
+        for start, stop in store.blocks:
+            check_values(url, description, store.read(start, stop, small))
     if int(attrs.get("n_heldout") or 0) != int(store.heldout.sum()):
         raise AnchorStoreError(
             url, f"attribute n_heldout={attrs.get('n_heldout')} but split/heldout marks {int(store.heldout.sum())} anchors",
@@ -170,23 +216,31 @@ class ChunkAwareBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 class AnchorDataset(torch.utils.data.Dataset):
-    """Anchors as ``{"index", "inputs": {name: tensor}, "teacher_hidden" [L,V,D] float32 | "labels": {name: tensor}}``.
+    """Anchors as ``{"index", "inputs": {name: tensor}, "targets": {target: {array: tensor}}}``.
 
-    Reads whole chunks and keeps the last ``cache_chunks`` decoded, so a batch from
-    :class:`ChunkAwareBatchSampler` costs a few chunk reads. The Zarr group is opened lazily in
-    each process, so the dataset works in DataLoader workers (only the URL is pickled).
-    ``split`` picks ``"train"`` (never the held-out anchors), ``"heldout"`` or ``"all"``; indices
-    ``0..len-1`` address that split, ``store_indices`` maps them to store positions.
+    Floating target arrays come out as float32 (losses are computed in float32). Reads whole
+    blocks, each checked against its recorded digest, and keeps the last ``cache_chunks`` decoded,
+    so a batch from :class:`ChunkAwareBatchSampler` costs a few block reads; a damaged block stops
+    the reader with an :class:`AnchorStoreError` naming the array and the block. The Zarr group is
+    opened lazily in each process, so the dataset works in DataLoader workers (only the URL is
+    pickled). ``split`` picks ``"train"`` (never the held-out anchors), ``"heldout"`` or ``"all"``;
+    indices ``0..len-1`` address that split, ``store_indices`` maps them to store positions.
     """
 
-    def __init__(self, url: str | Path, *, split: str = "train", cache_chunks: int = 4, validate: bool = True):
+    def __init__(self, url: str | Path, *, split: str = "train", cache_chunks: int = 4, validate: bool = True,
+                 targets: Sequence[str] | None = None):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
-        store = open_anchor_store(url, validate_values=validate)
+        store = open_anchor_store(url, verify=validate)
         self.store = store
         self.url = store.url
         self.split = split
-        self.kind = store.kind
+        self.targets = list(targets if targets is not None else store.targets)
+        unknown = [t for t in self.targets if t not in store.targets]
+        if unknown:
+            raise AnchorStoreError(self.url, f"it holds the targets {list(store.targets)}, not {unknown}",
+                                   "Read only the store's targets, or re-run the cache stage with them.")
+        self.block_anchors = store.block_anchors
         self.chunk_anchors = store.chunk_anchors
         self.info = store.info()
         self.train_indices = store.train_indices
@@ -194,14 +248,16 @@ class AnchorDataset(torch.utils.data.Dataset):
         self.store_indices = {
             "train": store.train_indices, "heldout": store.heldout_indices, "all": np.arange(store.n_anchors)
         }[split]
+        self.paths = {target: {name: path for name, (path, _) in store.target_arrays[target].items()}
+                      for target in self.targets}
         self.cache_chunks = cache_chunks
-        self._store: AnchorStore | None = None
-        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._store: AnchorStore | None = store
+        self._blocks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(store=None, _store=None, _chunks=OrderedDict(), _lock=None)
+        state.update(store=None, _store=None, _blocks=OrderedDict(), _lock=None)
         return state
 
     def __setstate__(self, state):
@@ -212,23 +268,26 @@ class AnchorDataset(torch.utils.data.Dataset):
         return len(self.store_indices)
 
     def _handle(self) -> AnchorStore:
-        if self._store is None:
-            group = open_group(self.url, "r")
-            self._store = AnchorStore(self.url, group, dict(group.attrs))
+        if self._store is None:  # in a DataLoader worker: the structure was validated by the parent
+            group = _open(self.url, "r")
+            attrs = dict(group.attrs)
+            self._store = AnchorStore(self.url, group, attrs, check_structure(self.url, group, attrs,
+                                                                              require_complete=True))
         return self._store
 
-    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
+    def _block(self, block: int) -> dict[str, np.ndarray]:
         with self._lock:
-            if chunk in self._chunks:
-                self._chunks.move_to_end(chunk)
-                return self._chunks[chunk]
+            if block in self._blocks:
+                self._blocks.move_to_end(block)
+                return self._blocks[block]
         store = self._handle()
-        start = chunk * self.chunk_anchors
-        data = store.read(start, min(start + self.chunk_anchors, store.n_anchors))
+        names = [*(p for paths in self.paths.values() for p in paths.values()), *(f"inputs/{n}" for n in store.input_spec)]
+        start, stop = store.blocks[block]
+        data = store.read(start, stop, names)
         with self._lock:
-            self._chunks[chunk] = data
-            while len(self._chunks) > self.cache_chunks:
-                self._chunks.popitem(last=False)
+            self._blocks[block] = data
+            while len(self._blocks) > self.cache_chunks:
+                self._blocks.popitem(last=False)
         return data
 
     def sampler(self, batch_size: int, **kwargs) -> ChunkAwareBatchSampler:
@@ -242,18 +301,17 @@ class AnchorDataset(torch.utils.data.Dataset):
         store_idx = self.store_indices[np.asarray(positions, dtype=np.int64)]
         samples = []
         for index in store_idx.tolist():
-            chunk = self._chunk(index // self.chunk_anchors)
-            row = index % self.chunk_anchors
-            sample = {"index": index, "inputs": {}}
-            if self.kind == "token_level":
-                sample[LABELS] = {}
-            for path, values in chunk.items():
-                tensor = torch.from_numpy(np.ascontiguousarray(values[row]))
-                if path == TEACHER:
-                    sample[TEACHER] = tensor.float()  # losses are computed in float32
-                else:
-                    group, name = path.split("/", 1)
-                    sample[group][name] = tensor
+            data = self._block(index // self.block_anchors)
+            row = index % self.block_anchors
+            sample = {"index": index, "inputs": {}, "targets": {}}
+            for name in self._handle().input_spec:
+                sample["inputs"][name] = torch.from_numpy(np.ascontiguousarray(data[f"inputs/{name}"][row]))
+            for target, paths in self.paths.items():
+                arrays = {}
+                for name, path in paths.items():
+                    tensor = torch.from_numpy(np.ascontiguousarray(data[path][row]))
+                    arrays[name] = tensor.float() if tensor.is_floating_point() else tensor
+                sample["targets"][target] = arrays
             samples.append(sample)
         return samples
 
@@ -266,13 +324,12 @@ class AnchorDataset(torch.utils.data.Dataset):
 
 
 class _SplitBatchSampler(ChunkAwareBatchSampler):
-    """Chunk-aware batches over a split: groups by store chunk, yields split positions."""
+    """Chunk-aware batches over a split: groups by store block, yields split positions."""
 
     def __init__(self, dataset: AnchorDataset, batch_size: int, **kwargs):
-        super().__init__(dataset.store_indices, dataset.chunk_anchors, batch_size, **kwargs)
+        super().__init__(dataset.store_indices, dataset.block_anchors, batch_size, **kwargs)
         self._position = {int(idx): pos for pos, idx in enumerate(dataset.store_indices.tolist())}
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in super().__iter__():
             yield [self._position[i] for i in batch]
-

@@ -14,7 +14,8 @@ import zarr
 from craft_core.config import CacheConfig, DatasetSource, PolicySource
 from craft_core.store import AnchorStoreError, check_fits_student, finalize_store, open_anchor_store
 
-ARRAYS = ("teacher_hidden", "inputs/images", "inputs/image_masks", "inputs/lang_tokens", "inputs/lang_masks",
+HIDDEN = "targets/prefix/hidden"
+ARRAYS = (HIDDEN, "inputs/images", "inputs/image_masks", "inputs/lang_tokens", "inputs/lang_masks",
           "provenance/episode_index", "provenance/frame_index", "provenance/task", "split/heldout")
 
 
@@ -65,7 +66,7 @@ def test_store_holds_what_the_teacher_saw_and_a_copy_reproduces_it(reference_sto
     from craft_core.store import AnchorDataset
 
     store = open_anchor_store(reference_store)
-    assert store.kind == "hidden_state" and store.n_anchors == 12
+    assert list(store.targets) == ["prefix"] and store.n_anchors == 12
     info = store.info()
     assert info["layers"] == [1, 2] and info["depth"] == 2  # [-2, -1] resolved against the tiny backbone
     assert info["n_heldout"] == 3 and info["dtype"] == "float32"
@@ -89,9 +90,10 @@ def test_store_holds_what_the_teacher_saw_and_a_copy_reproduces_it(reference_sto
     batch = torch.utils.data.default_collate(anchors.__getitems__(list(range(12))))
     with torch.no_grad():
         pooled = adapter.pooled(batch["inputs"], info["layers"], info["pooling"])
-    assert float(((pooled - batch["teacher_hidden"]) ** 2).mean()) <= 1e-6
+    stored = batch["targets"]["prefix"]["hidden"]
+    assert float(((pooled - stored) ** 2).mean()) <= 1e-6
     assert batch["inputs"]["images"].dtype == torch.uint8 and batch["inputs"]["image_masks"].all()
-    assert float(batch["teacher_hidden"].std()) > 0  # the vectors carry signal
+    assert float(stored.std()) > 0  # the vectors carry signal
 
 
 def _extract_slowly(cfg_json: str, url: str) -> None:
@@ -169,7 +171,7 @@ def test_selection_by_episode_stride_and_user_prompts(cache_cfg, tmp_path):
     assert all(frame % 2 == 0 for frame in provenance["frame_index"])
     assert provenance["task"].tolist() == [prompts[i % 3] for i in range(4)]
     assert info["dtype"] == "float16" and info["n_heldout"] == 0
-    assert zarr.open_group(url, mode="r")["teacher_hidden"].dtype == np.float16
+    assert zarr.open_group(url, mode="r")[HIDDEN].dtype == np.float16
 
     with pytest.raises(ValueError, match="n_anchors=500 but dataset .* offers only .* frames .*lower n_anchors"):
         extract_anchors(cfg.model_copy(update={"n_anchors": 500}), str(tmp_path / "too_many.zarr"))
@@ -183,27 +185,42 @@ def test_another_config_on_an_existing_store_is_refused(cache_cfg, reference_sto
     # Same config: a complete store is returned as is, nothing recomputed.
     before = read_all(reference_store)
     assert extract_anchors(cache_cfg.model_copy(update={"batch_size": 1}), reference_store)["n_anchors"] == 12
-    np.testing.assert_array_equal(read_all(reference_store)["teacher_hidden"], before["teacher_hidden"])
+    np.testing.assert_array_equal(read_all(reference_store)[HIDDEN], before[HIDDEN])
 
 
-def test_token_level_cache_holds_the_teachers_own_tokens(cache_cfg, tmp_path):
-    from craft_core.policies import get_adapter
+@pytest.mark.parametrize("top_k", [4, 0])
+def test_action_output_cache_holds_the_teachers_own_tokens_and_distributions(cache_cfg, tmp_path, top_k):
+    """Both targets from one extraction; the probe is the teacher's greedy decoding of the stored
+    inputs; a copy of the teacher reproduces the distributions (top_k > 0: loss 0), and the hard
+    labels (top_k = 0, the former token-level cache) cost it its own cross-entropy."""
     from craft_core.extraction import extract_anchors
+    from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy
     from craft_core.store import AnchorDataset
 
-    cfg = cache_cfg.model_copy(update={"kind": "token_level", "n_anchors": 4, "chunk_anchors": 4, "batch_size": 4,
-                                       "heldout_fraction": 0.0})
-    url = str(tmp_path / "tokens.zarr")
+    cfg = cache_cfg.model_copy(update={"targets": ["prefix", "action_output"], "n_anchors": 4, "chunk_anchors": 4,
+                                       "batch_size": 4, "heldout_fraction": 0.0,
+                                       "action_output": cache_cfg.action_output.model_copy(update={"top_k": top_k})})
+    url = str(tmp_path / "targets.zarr")
     info = extract_anchors(cfg, url)
-    assert info["kind"] == "token_level" and set(info["labels_spec"]) == {"action_tokens", "action_token_mask"}
-    assert open_anchor_store(url).kind == "token_level"
+    assert list(info["targets"]) == ["prefix", "action_output"]
+    assert info["targets"]["action_output"]["top_k"] == top_k
+    store = open_anchor_store(url)
+    expected = {"tokens", "token_mask"} | ({"topk_ids", "topk_logprobs"} if top_k else set())
+    assert set(store.target_arrays["action_output"]) == expected
 
-    adapter = get_adapter(load_policy(cfg.teacher, device="cpu"))
-    check_fits_student(open_anchor_store(url), adapter)
+    teacher = load_policy(cfg.teacher, device="cpu")
+    adapter = get_adapter(teacher)
+    check_fits_student(store, adapter)
     batch = torch.utils.data.default_collate(AnchorDataset(url, split="all").__getitems__([0, 1, 2, 3]))
+    stored = batch["targets"]["action_output"]
     with torch.no_grad():
-        again = adapter.teacher_action_token_labels(batch["inputs"])
-    assert torch.equal(batch["labels"]["action_tokens"], again["action_tokens"])
-    assert torch.equal(batch["labels"]["action_token_mask"], again["action_token_mask"])
-    assert batch["labels"]["action_token_mask"].any()
+        tokens, mask = adapter.greedy_fast_tokens(batch["inputs"])
+        losses = adapter.retention_losses(batch["inputs"], batch["targets"], store.request())
+    assert torch.equal(stored["tokens"], tokens) and torch.equal(stored["token_mask"], mask)
+    assert mask[:, :2].all()  # <bos> and at least one generated token
+    assert float(losses["prefix"]) <= 1e-6
+    if top_k:
+        assert float(losses["action_output"]) <= 1e-6
+    else:
+        assert float(losses["action_output"]) > 0  # the teacher's own cross-entropy on its greedy tokens

@@ -46,6 +46,9 @@ def write_cache(folder: Path, target: str = "teacher_hidden", sizes=SIZES, seed=
     return {k: (torch.cat(v) if torch.is_tensor(v[0]) else v) for k, v in everything.items() if k != "meta"}
 
 
+HIDDEN = "targets/prefix/hidden"
+
+
 def read(url: str, path: str) -> np.ndarray:
     return zarr.open_group(url, mode="r")[path][:]
 
@@ -55,7 +58,7 @@ def test_import_hidden_state_cache(tmp_path):
     url = str(tmp_path / "store.zarr")
     calls = []
     info = import_pt_cache(tmp_path / "cache", url, chunk_anchors=4, progress=lambda *a: calls.append(a))
-    assert info["kind"] == "hidden_state" and info["n_anchors"] == 13
+    assert list(info["targets"]) == ["prefix"] and info["n_anchors"] == 13
     assert info["layers"] == [17, 18] and info["depth"] == 18 and info["hidden_size"] == D
     assert info["pooling"] == ["vision_token_mean", "text_token_last"]
     assert info["teacher"]["path"] == "physical-intelligence/pi0-fast"
@@ -66,16 +69,17 @@ def test_import_hidden_state_cache(tmp_path):
     np.testing.assert_array_equal(read(url, "inputs/lang_tokens"), source["input_ids"].numpy().astype(np.int32))
     np.testing.assert_array_equal(read(url, "inputs/lang_masks"), source["attention_mask"].bool().numpy())
     assert read(url, "inputs/image_masks").all()
-    np.testing.assert_array_equal(read(url, "teacher_hidden"), source["teacher_hidden"].numpy())
+    np.testing.assert_array_equal(read(url, HIDDEN), source["teacher_hidden"].numpy())
     assert read(url, "provenance/task").tolist() == sum(source["prompts"], [])
 
     store = open_anchor_store(url)
-    assert store.kind == "hidden_state"
+    assert list(store.targets) == ["prefix"]
     error = store.attrs["source"]["pixel_quantisation_max_error"]
     assert 0 < error <= 1 / 255 + 1e-6  # half a uint8 step in [-1, 1] units
     assert len(store.heldout_indices) == 1 and len(store.train_indices) == 12
     dataset = AnchorDataset(url, split="heldout")
-    np.testing.assert_array_equal(dataset[0]["teacher_hidden"].numpy(), source["teacher_hidden"][store.heldout_indices[0]].numpy())
+    np.testing.assert_array_equal(dataset[0]["targets"]["prefix"]["hidden"].numpy(),
+                                  source["teacher_hidden"][store.heldout_indices[0]].numpy())
 
 
 def test_import_target_features_cache(tmp_path):
@@ -84,20 +88,27 @@ def test_import_target_features_cache(tmp_path):
         import_pt_cache(tmp_path / "cache", str(tmp_path / "refused.zarr"))
     info = import_pt_cache(tmp_path / "cache", str(tmp_path / "s.zarr"), depth=4, dtype="float16")
     assert info["layers"] == [3] and info["pooling"] == ["vision_token_mean"] and info["dtype"] == "float16"
-    stored = read(str(tmp_path / "s.zarr"), "teacher_hidden")
+    stored = read(str(tmp_path / "s.zarr"), HIDDEN)
     assert stored.shape == (13, 1, 1, D)
     np.testing.assert_array_equal(stored[:, 0, 0], source["target_features"].numpy().astype(np.float16))
 
 
-def test_import_token_level_cache(tmp_path):
+def test_import_token_level_cache(tmp_path, tiny_pi0_fast):
+    """The first tool's label tokens become hard labels of an action_output target, in its own
+    tokenisation: a pi0_fast student refuses them, saying why."""
+    from craft_core.policies import get_adapter
+    from craft_core.policy_io import load_policy
+    from craft_core.store import check_fits_student
+
     source = write_cache(tmp_path / "cache", target="labels")
     url = str(tmp_path / "s.zarr")
     info = import_pt_cache(tmp_path / "cache", url)
-    assert info["kind"] == "token_level" and info["labels_spec"] == {"labels": {"shape": [9], "dtype": "int64"}}
-    np.testing.assert_array_equal(read(url, "labels/labels"), source["labels"].numpy())
+    assert list(info["targets"]) == ["action_output"] and info["targets"]["action_output"]["top_k"] == 0
+    np.testing.assert_array_equal(read(url, "targets/action_output/labels"), source["labels"].numpy())
     sample = AnchorDataset(url, split="all")[7]
-    assert torch.equal(sample["labels"]["labels"], source["labels"][7])
-    assert open_anchor_store(url).kind == "token_level"
+    assert torch.equal(sample["targets"]["action_output"]["labels"], source["labels"][7])
+    with pytest.raises(AnchorStoreError, match="differ from the student's inputs|lays it out as"):
+        check_fits_student(open_anchor_store(url), get_adapter(load_policy(tiny_pi0_fast)))
 
 
 def test_interrupted_import_resumes_to_the_same_store(tmp_path):
@@ -117,7 +128,7 @@ def test_interrupted_import_resumes_to_the_same_store(tmp_path):
     seen = []
     import_pt_cache(tmp_path / "cache", url, chunk_anchors=4, progress=lambda d, t, m: seen.append(d))
     assert seen == [1, 2, 3, 4]
-    for path in ("teacher_hidden", "inputs/images", "inputs/lang_tokens", "split/heldout", "provenance/task"):
+    for path in (HIDDEN, "inputs/images", "inputs/lang_tokens", "split/heldout", "provenance/task"):
         np.testing.assert_array_equal(read(url, path), read(reference, path))
 
 

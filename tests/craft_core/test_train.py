@@ -1,9 +1,9 @@
 """The training stage on tiny real lerobot policies (pi0_fast, smolvla), offline, on CPU.
 
 The tiny teachers are built for the recorded pusht datasets; a real Zarr anchor store holds the
-teacher's pooled hidden states on task B (``circle``, the one to retain), then ``train`` fine-tunes
-on task A (``push_t``) for a few steps of CRaFT (retention every 2nd step) and of the baseline
-(the same loop, retention off).
+teacher's targets on task B (``circle``, the one to retain: pooled prefix hidden states and action
+outputs), then ``train`` fine-tunes on task A (``push_t``) for a few steps of CRaFT (retention every
+2nd step, one constraint and one λ per target) and of the baseline (the same loop, retention off).
 """
 
 import json
@@ -23,7 +23,11 @@ POOLING = ["vision_token_mean", "text_token_last"]
 # ----------------------------------------------------------------------------------------- helpers
 
 
-def make_anchor_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Path, *, n_anchors: int = 12) -> str:
+TARGETS = ["prefix", "action_output"]
+
+
+def make_anchor_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Path, *, n_anchors: int = 12,
+                      targets: list[str] = TARGETS) -> str:
     """A real Zarr anchor store of ``teacher_dir`` on the dataset, written by the cache stage."""
     from craft_core.extraction import extract_anchors
 
@@ -31,7 +35,7 @@ def make_anchor_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Pa
         teacher=PolicySource(path=str(teacher_dir)),
         dataset=DatasetSource(repo_id=repo_id, root=str(root)),
         n_anchors=n_anchors, layers=[-2, -1], pooling=POOLING, dtype="float32", batch_size=4,
-        device="cpu", heldout_fraction=0.0, seed=0,
+        device="cpu", heldout_fraction=0.0, seed=0, targets=targets,
     )
     extract_anchors(cfg, str(store_url))
     return str(store_url)
@@ -104,24 +108,28 @@ def test_craft_run_retention_steps_dual_ascent_checkpoints(policy_type, request,
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert [r["retention_step"] for r in records] == [True, False, True, False]
     for r in records:
-        assert math.isfinite(r["task_loss"]) and r["cache_type"] == "hidden_state"
+        assert math.isfinite(r["task_loss"]) and r["cache_type"] == "prefix+action_output"
         assert r["lr"] > 0 and r["step_time_s"] > 0 and r["samples_per_s"] > 0 and math.isfinite(r["grad_norm"])
         if r["retention_step"]:
-            assert r["retention_loss"] is not None and -1.0 <= r["grad_cosine"] <= 1.0
+            assert all(r[f"retention_loss/{t}"] is not None for t in TARGETS) and -1.0 <= r["grad_cosine"] <= 1.0
+            assert r["retention_loss"] == pytest.approx(sum(r[f"retention_loss/{t}"] for t in TARGETS))
             assert isinstance(r["projected"], bool)
         else:
             assert r["retention_loss"] is None and r["grad_cosine"] is None
-    # The student starts as an exact copy of the teacher: the keystone invariant L_ret ~ 0.
-    assert records[0]["retention_loss"] <= 1e-6
-    # After a task step the student has moved away from the teacher's hidden states.
-    assert records[2]["retention_loss"] > records[0]["retention_loss"]
-    # Dual ascent as DESIGN.md: λ <- clip(λ + η (L_ret - ε(t)), 0, λ_max), ε annealed linearly.
-    lam = cfg.retention.lambda_init
-    for r in records:
-        if r["retention_step"]:
-            lam = min(max(lam + cfg.retention.lambda_lr * (r["retention_loss"] - r["epsilon"]), 0.0), 10.0)
-        assert r["lambda"] == pytest.approx(lam, abs=1e-12)
-    assert records[0]["epsilon"] == 0.02 and records[2]["epsilon"] == pytest.approx(0.02 - 0.01 * 2 / 4)
+    for target in TARGETS:
+        # The student starts as an exact copy of the teacher: the keystone invariant, per target.
+        assert records[0][f"retention_loss/{target}"] <= 1e-6, target
+        # After a task step the student has moved away from the teacher.
+        assert records[2][f"retention_loss/{target}"] > records[0][f"retention_loss/{target}"], target
+        # Dual ascent per target: λ_t <- clip(λ_t + η (L_t - ε_t(t)), 0, λ_max), ε annealed linearly.
+        lam = cfg.retention.lambda_init
+        for r in records:
+            if r["retention_step"]:
+                lam = min(max(lam + cfg.retention.lambda_lr * (r[f"retention_loss/{target}"] - r[f"epsilon/{target}"]),
+                              0.0), 10.0)
+            assert r[f"lambda/{target}"] == pytest.approx(lam, abs=1e-12)
+        assert records[0][f"epsilon/{target}"] == 0.02
+        assert records[2][f"epsilon/{target}"] == pytest.approx(0.02 - 0.01 * 2 / 4)
     assert progress_calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
     # Checkpoints in lerobot's layout, `last` -> the final one, loadable with from_pretrained.
@@ -134,9 +142,10 @@ def test_craft_run_retention_steps_dual_ascent_checkpoints(policy_type, request,
         assert (state_dir / name).is_file(), name
     craft_state = json.loads((state_dir / "craft_state.json").read_text())
     assert craft_state["step"] == 4 and craft_state["anchor_batches"] == 2
-    assert craft_state["lambda"]["value"] == pytest.approx(records[-1]["lambda"])
+    for target in TARGETS:
+        assert craft_state["targets"][target]["lambda"]["value"] == pytest.approx(records[-1][f"lambda/{target}"])
     assert result["checkpoint"] == str(checkpoints / "000004" / "pretrained_model")
-    assert result["cache_type"] == "hidden_state" and result["steps"] == 4 and result["skipped_nonfinite_steps"] == 0
+    assert result["targets"] == TARGETS and result["steps"] == 4 and result["skipped_nonfinite_steps"] == 0
     assert result["final_task_loss"] == pytest.approx(records[-1]["task_loss"])
 
     student = load_policy(PolicySource(path=result["checkpoint"]), device="cpu")
@@ -165,7 +174,8 @@ def test_baseline_is_the_same_loop_without_retention(tiny_pi0_fast, pusht_datase
                    store_url=None, out_dir=tmp_path)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
-    assert all(r["retention_loss"] is None and r["lambda"] is None and r["cache_type"] is None for r in records)
+    assert all(r["retention_loss"] is None and r["cache_type"] is None for r in records)
+    assert not any(key.startswith(("lambda/", "epsilon/")) for r in records for key in r)
     assert all(not r["retention_step"] for r in records)
     assert result["cache_type"] is None and result["retention"] is False
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["000002", "last"]
@@ -205,49 +215,47 @@ def _set_attrs(**attrs):
     return apply
 
 
-def _widen_hidden(store: Path) -> None:
-    group = zarr.open_group(str(store), mode="r+")
-    values = group["teacher_hidden"][:]
-    wider = np.concatenate([values, values[..., :1]], axis=-1)
-    del group["teacher_hidden"]
-    group.create_array("teacher_hidden", data=wider, chunks=(group.attrs["chunk_anchors"], *wider.shape[1:]))
-    group.attrs.update(hidden_size=wider.shape[-1])
-
-
-def _other_teacher(store: Path) -> None:
-    group = zarr.open_group(str(store), mode="r+")
-    group.attrs.update(teacher={**group.attrs["teacher"], "path": "/somewhere/else/teacher"})
-
-
-def _unknown_layers(store: Path) -> None:
-    group = zarr.open_group(str(store), mode="r+")
-    group.attrs.update(layers=[layer + 10 for layer in group.attrs["layers"]])
+def _drop_a_chunk(store: Path) -> None:
+    """A chunk file of the teacher's prefix targets deleted (Zarr alone would read fill values)."""
+    chunk = next(p for p in (store / "targets" / "prefix" / "hidden").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.unlink()
 
 
 BROKEN_STORES = {
-    "missing": (None, "no Zarr v3 group"),
-    "incomplete": (_set_attrs(complete=False), "incomplete"),
-    "wrong kind": (_set_attrs(kind="logits"), "unknown kind"),
-    "other teacher": (_other_teacher, "its teacher is '/somewhere/else/teacher'"),
-    "layers": (_unknown_layers, "do not fit the student"),
-    "hidden size": (_widen_hidden, r"teacher hidden size \d+ differs from the student.s \d+"),
+    "missing": (None, {}, "no Zarr v3 group"),
+    "incomplete": (_set_attrs(complete=False), {}, "incomplete"),
+    "identity attributes edited": (_set_attrs(layers=[0, 1]), {}, "identity attributes .* were changed"),
+    "a target chunk missing": (_drop_a_chunk, {}, "targets/prefix/hidden block 0: its content does not match"),
+    "target the store lacks": (None, {"store": "prefix_only", "retention": {"targets": {"action_output": {}}}},
+                               r"holds the targets \['prefix'\] but \['action_output'\] were requested"),
+    "other teacher": (None, {"teacher": "copy"}, "its teacher is .* but the student starts from"),
 }
 
 
 @pytest.mark.parametrize("case", list(BROKEN_STORES))
 def test_refuses_to_start_on_a_store_that_does_not_fit(case, tiny_pi0_fast, pi0_fast_store, pusht_datasets,
                                                        tmp_path):
+    import shutil
+
     from craft_core.train import RetentionSetupError, train
 
-    breaker, message = BROKEN_STORES[case]
+    breaker, options, message = BROKEN_STORES[case]
     store = tmp_path / "store.zarr"
     if breaker is not None:
         breaker(_copy_store(pi0_fast_store, store))
+    elif options.get("store") == "prefix_only":
+        make_anchor_store(tiny_pi0_fast, *retained_dataset(pusht_datasets), store, targets=["prefix"])
+    elif options:
+        _copy_store(pi0_fast_store, store)
+    teacher = tiny_pi0_fast
+    if options.get("teacher") == "copy":  # the same weights, but not the teacher the store was made with
+        teacher = tmp_path / "another_teacher"
+        shutil.copytree(tiny_pi0_fast, teacher)
     repo_id, root = task_dataset(pusht_datasets)
     out_dir = tmp_path / "run"
     with pytest.raises(RetentionSetupError, match=message) as info:
-        train(train_config(repo_id, root, steps=1), teacher=PolicySource(path=str(tiny_pi0_fast)),
-              store_url=str(store), out_dir=out_dir)
+        train(train_config(repo_id, root, steps=1, retention=options.get("retention", {})),
+              teacher=PolicySource(path=str(teacher)), store_url=str(store), out_dir=out_dir)
     assert "never falls back" in str(info.value)
     assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
 
@@ -290,7 +298,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_
     records = read_metrics(tmp_path)
     assert [r["skipped_nonfinite"] for r in records] == [False, False, True, True]
     # A skipped retention step leaves λ alone (step 3 is a retention step).
-    assert records[2]["retention_step"] and records[2]["lambda"] == records[1]["lambda"]
+    assert records[2]["retention_step"]
+    assert all(records[2][f"lambda/{t}"] == records[1][f"lambda/{t}"] for t in TARGETS)
     # The last good checkpoint is intact and loads; nothing was saved after the NaNs.
     checkpoints = tmp_path / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["000002", "last"]
@@ -300,66 +309,45 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_
     assert state["skipped_nonfinite"] == 0 and state["step"] == 2
 
 
-# ------------------------------------------------------------------------------------ token level
+# ------------------------------------------------------------------------------------ hard labels
 
 
-def make_token_level_store(teacher_dir: Path, repo_id: str, root: Path, store_url: Path, *, n_anchors: int = 8) -> str:
-    """A token_level store through the store's writer: stored prefix inputs + the teacher's greedy FAST tokens."""
-    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
-
-    from craft_core.policies import get_adapter
-    from craft_core.policy_io import load_policy, make_processors
-    from craft_core.store import AnchorStoreWriter, StoreLayout
-
-    meta = LeRobotDatasetMetadata(repo_id, root=root)
-    teacher = load_policy(PolicySource(path=str(teacher_dir)), ds_meta=meta, device="cpu")
-    preprocessor, _ = make_processors(teacher, pretrained_path=str(teacher_dir))
-    dataset = LeRobotDataset(repo_id, root=root, video_backend="pyav")
-    adapter = get_adapter(teacher)
-    frames = torch.utils.data.default_collate([dataset[i] for i in range(n_anchors)])
-    inputs = adapter.anchor_inputs(preprocessor(frames))
-    labels = adapter.teacher_action_token_labels(inputs)
-    layout = StoreLayout(
-        kind="token_level", n_anchors=n_anchors, input_spec=adapter.input_spec(), labels_spec=adapter.label_spec(),
-        attrs={"teacher": {"policy_type": adapter.policy_type, "path": str(teacher_dir), "revision": None},
-               "depth": adapter.depth, "hidden_size": adapter.hidden_size, "fingerprint": "token-level-test"},
-    )
-    writer = AnchorStoreWriter(store_url, layout)
-    arrays = {**{f"inputs/{k}": v.numpy() for k, v in inputs.items()},
-              **{f"labels/{k}": v.numpy() for k, v in labels.items()},
-              "provenance/episode_index": frames["episode_index"].numpy().astype(np.int64),
-              "provenance/frame_index": frames["frame_index"].numpy().astype(np.int64),
-              "provenance/task": np.array(frames["task"], dtype=object),
-              "split/heldout": np.zeros(n_anchors, dtype=bool)}
-    for block, (start, stop) in enumerate(writer.blocks):
-        writer.write_block(block, {path: values[start:stop] for path, values in arrays.items()})
-    writer.finalize()
-    return str(store_url)
-
-
-def test_token_level_cache_uses_the_policys_own_loss_on_teacher_labels(tiny_pi0_fast, pusht_datasets, tmp_path):
+def test_hard_label_action_output_uses_the_policys_own_loss_on_teacher_tokens(tiny_pi0_fast, pusht_datasets,
+                                                                                tmp_path):
+    """action_output with top_k 0 (the former token-level cache): the retention loss is pi0_fast's own
+    FAST cross-entropy on the teacher's greedy tokens, and one λ constrains it."""
+    from craft_core.extraction import extract_anchors
     from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy
     from craft_core.retention import Anchors
+    from craft_core.store import open_anchor_store
     from craft_core.train import train
 
-    store = make_token_level_store(tiny_pi0_fast, *retained_dataset(pusht_datasets), tmp_path / "tokens.zarr")
+    repo_id, root = retained_dataset(pusht_datasets)
+    store = str(tmp_path / "tokens.zarr")
+    extract_anchors(CacheConfig(
+        teacher=PolicySource(path=str(tiny_pi0_fast)), dataset=DatasetSource(repo_id=repo_id, root=str(root)),
+        n_anchors=8, targets=["action_output"], action_output={"top_k": 0}, dtype="float32", batch_size=4,
+        device="cpu", heldout_fraction=0.0, seed=0,
+    ), store)
     repo_id, root = task_dataset(pusht_datasets)
     cfg = train_config(repo_id, root, steps=2, save_every=10, retention={"every_k": 1})
     result = train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=store, out_dir=tmp_path / "run")
-    assert result["cache_type"] == "token_level"
+    assert result["cache_type"] == "action_output"
     records = read_metrics(tmp_path / "run")
-    assert all(r["cache_type"] == "token_level" and r["retention_step"] for r in records)
+    assert all(r["cache_type"] == "action_output" and r["retention_step"] for r in records)
 
-    # Step 1's retention loss is pi0_fast's own FAST cross-entropy of the (still untouched) student,
-    # i.e. of the teacher, on the first anchor batch's stored inputs and teacher tokens.
+    # Step 1's retention loss is the (still untouched) student's, i.e. the teacher's, own FAST
+    # cross-entropy on the first anchor batch's stored inputs and greedy tokens.
     teacher = load_policy(PolicySource(path=str(tiny_pi0_fast)), device="cpu")
-    anchors = Anchors(store, kind="token_level", layers=[], pooling=[], batch_size=4, seed=cfg.seed, rank=0,
-                      world_size=1, shuffle_window_chunks=cfg.retention.shuffle_window_chunks)
-    inputs, labels = next(anchors.batches())
+    anchors = Anchors(store, targets=["action_output"], batch_size=4, seed=cfg.seed, rank=0, world_size=1,
+                      shuffle_window_chunks=cfg.retention.shuffle_window_chunks)
+    inputs, targets = next(anchors.batches())
+    images, image_masks, lang, lang_masks = get_adapter(teacher).model_inputs(inputs)
+    action = targets["action_output"]
     with torch.no_grad():
-        expected = get_adapter(teacher).token_level_loss(inputs, labels).item()
-    assert records[0]["retention_loss"] == pytest.approx(expected, rel=1e-5)
-    assert records[0]["retention_loss"] > 0
-    assert records[1]["lambda"] == pytest.approx(
-        min(max(records[0]["lambda"] + 0.5 * (records[1]["retention_loss"] - records[1]["epsilon"]), 0), 10))
+        expected = teacher.model.forward(images, image_masks, lang, lang_masks, action["tokens"].long(),
+                                         action["token_mask"].bool())["loss"].item()
+    assert records[0]["retention_loss/action_output"] == pytest.approx(expected, rel=1e-5)
+    assert records[0]["retention_loss/action_output"] > 0
+    assert open_anchor_store(store).request().top_k == 0

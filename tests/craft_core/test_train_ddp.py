@@ -101,7 +101,7 @@ def test_two_process_update_equals_one_process_on_the_union_batch(tiny_pi0_fast,
 
     m2, m1 = read_metrics(tmp_path / "two")[-1], read_metrics(tmp_path / "one")[-1]
     assert m1["retention_step"] and m2["retention_step"] and m1["projected"] and m2["projected"]
-    for key in ("task_loss", "retention_loss", "grad_cosine", "grad_norm", "lambda"):
+    for key in ("task_loss", "retention_loss", "grad_cosine", "grad_norm", "lambda/prefix", "lambda/action_output"):
         assert np.isclose(m2[key], m1[key], rtol=1e-4, atol=1e-7), (key, m2[key], m1[key])
 
     start = load_weights(tiny_pi0_fast)

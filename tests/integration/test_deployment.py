@@ -51,11 +51,20 @@ def test_deployment_full_smoke_runs_then_is_cached(tmp_path):
             outputs = [p for p in (tmp_path / "artifacts" / stage).iterdir() if p.is_dir()]
             assert len(outputs) == 1 and StageDir(tmp_path / "artifacts", stage, outputs[0].name).is_complete()
 
+        # Keystone through the flow: at CRaFT's first logged step the student is still the teacher,
+        # so every target's retention loss is ~0 (float32 store).
+        craft_dir = next(p for p in (tmp_path / "artifacts" / "train_craft").iterdir() if p.is_dir())
+        first_record = json.loads((craft_dir / "metrics.jsonl").read_text().splitlines()[0])
+        assert first_record["retention_step"]
+        for target in config.cache.targets:
+            assert first_record[f"retention_loss/{target}"] <= 1e-6, target
+
         report = stack.latest_artifact("craft-report")
         assert report["type"] == "markdown" and "craft evaluation report" in report["data"]
         assert report["flow_run_id"] == first_id
         comparison = json.loads(stack.latest_artifact("craft-comparison")["data"])
         assert {row["run"] for row in comparison} == {"teacher", "baseline", "craft"}
+        assert all("drift action_output" in row for row in comparison)  # drift for every target
         progress = stack.latest_artifact("craft-train-craft-progress")
         assert progress["type"] == "progress" and float(progress["data"]) == pytest.approx(100.0)
         for stage in STAGE_UNITS:

@@ -14,3 +14,8 @@ from craft_core.policies.pi0.adapter import PI0Adapter
 
 class PI05Adapter(PI0Adapter):
     policy_type = "pi05"
+    state_in_suffix = False  # pi05's state is in the prompt; its embed_suffix takes no state
+
+    def _denoise(self, inputs, prefix_pad_masks, past_key_values, x_t, time):
+        return self.policy.model.denoise_step(prefix_pad_masks=prefix_pad_masks, past_key_values=past_key_values,
+                                              x_t=x_t, timestep=time)

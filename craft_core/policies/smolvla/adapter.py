@@ -1,5 +1,8 @@
 """smolvla: SmolVLM prefix = [image tokens of every camera | language tokens | state token].
 
+Retention targets: ``prefix`` and ``action_output`` (the velocity of the action expert on the
+teacher's own sampling trajectory, ``craft_core.policies.flow_matching``), from one prefix pass.
+
 Stored per anchor (``input_spec``; cameras and prompt are built by ``craft_core.policies.camera_prompt``,
 shared with the other VLA adapters):
 
@@ -29,11 +32,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from craft_core.policies.camera_prompt import CameraPromptAdapter
 from craft_core.policies.base import ArraySpec, PrefixHiddenStates
+from craft_core.policies.camera_prompt import CameraPromptAdapter
+from craft_core.policies.flow_matching import FlowMatchingTargets
 
 
-class SmolVLAAdapter(CameraPromptAdapter):
+class SmolVLAAdapter(FlowMatchingTargets, CameraPromptAdapter):
     policy_type = "smolvla"
 
     # -- backbone ------------------------------------------------------------------------------
@@ -65,11 +69,11 @@ class SmolVLAAdapter(CameraPromptAdapter):
         shape = next(iter(cfg.image_features.values())).shape
         return int(shape[-2]), int(shape[-1])
 
-    def input_spec(self) -> dict[str, ArraySpec]:
-        return {**super().input_spec(), "state": ArraySpec((int(self.policy.config.max_state_dim),), "float32")}
+    def input_spec(self, targets: Sequence[str] = ("prefix",)) -> dict[str, ArraySpec]:
+        return {**super().input_spec(targets), "state": ArraySpec((int(self.policy.config.max_state_dim),), "float32")}
 
     @torch.no_grad()
-    def anchor_inputs(self, batch: dict) -> dict[str, Tensor]:
+    def anchor_inputs(self, batch: dict, targets: Sequence[str] = ("prefix",)) -> dict[str, Tensor]:
         inputs = self._camera_prompt_inputs(batch)
         inputs["state"] = self.policy.prepare_state(batch).to(torch.float32).cpu()
         return inputs
@@ -114,24 +118,48 @@ class SmolVLAAdapter(CameraPromptAdapter):
             for handle in handles:
                 handle.remove()
 
-    def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:
+    def _prefix_pass(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> tuple[PrefixHiddenStates | None, Tensor, object]:
+        """The prefix pass of ``VLAFlowMatching.sample_actions``: hidden states of ``layers`` (hooks),
+        prefix pad masks and the key/value cache the action expert attends to."""
         from lerobot.policies.smolvla.modeling_smolvla import make_att_2d_masks
 
-        absolute = self.resolve_layers(layers)
+        absolute = self.resolve_layers(layers) if layers else []
         images, image_masks, tokens, masks, state = self.model_inputs(inputs)
         model = self.policy.model
         with self._recording(absolute) as (hidden, image_token_counts):
             embs, pad_masks, att_masks = model.embed_prefix(images, image_masks, tokens, masks, state=state)
-            model.vlm_with_expert.forward(
+            _, past_key_values = model.vlm_with_expert.forward(
                 attention_mask=make_att_2d_masks(pad_masks, att_masks),
                 position_ids=torch.cumsum(pad_masks, dim=1) - 1,
                 past_key_values=None,
                 inputs_embeds=[embs, None],
                 use_cache=True,  # prefill; in cross-attention mode the layers need the cache
             )
-        stacked = torch.stack([hidden[layer] for layer in absolute], dim=1)
-        image_mask, text_mask = self._position_masks(pad_masks, image_token_counts, tokens.shape[1])
-        return PrefixHiddenStates(hidden=stacked, image_mask=image_mask, text_mask=text_mask)
+        prefix = None
+        if absolute:
+            stacked = torch.stack([hidden[layer] for layer in absolute], dim=1)
+            image_mask, text_mask = self._position_masks(pad_masks, image_token_counts, tokens.shape[1])
+            prefix = PrefixHiddenStates(hidden=stacked, image_mask=image_mask, text_mask=text_mask)
+        return prefix, pad_masks, past_key_values
+
+    def prefix_hidden_states(self, inputs: dict[str, Tensor], layers: Sequence[int]) -> PrefixHiddenStates:
+        return self._prefix_pass(inputs, layers)[0]
+
+    # -- action_output (craft_core.policies.flow_matching) ---------------------------------------
+    def _denoise(self, inputs, prefix_pad_masks, past_key_values, x_t, time):
+        return self.policy.model.denoise_step(prefix_pad_masks=prefix_pad_masks, past_key_values=past_key_values,
+                                              x_t=x_t, timestep=time)
+
+    def _default_flow_steps(self) -> int:
+        return int(self.policy.config.num_steps)
+
+    def check_targets(self, targets: Sequence[str]) -> None:
+        super().check_targets(targets)
+        if "action_output" in targets and not self.policy.config.use_cache:
+            raise ValueError(
+                "smolvla action_output targets run the policy's own denoise_step on the prefix's key/value cache; "
+                "this policy has use_cache=False (set it to true in the policy config)"
+            )
 
     def _position_masks(self, pad_masks: Tensor, image_token_counts: list[int], n_language: int) -> tuple[Tensor, Tensor]:
         """Image / valid-language positions in ``embed_prefix``'s layout (cameras, language, state)."""

@@ -6,6 +6,7 @@ The checks shared with smolvla live in ``tests.craft_core.policies.adapter_check
 import pytest
 import torch
 
+from craft_core.policies.base import TargetRequest
 from tests.craft_core.policies import adapter_checks as checks
 from tests.fixtures.policies import with_stored_images
 
@@ -72,13 +73,19 @@ def test_stored_inputs_round_trip_through_numpy(setup):
     assert torch.equal(rebuilt["lang_tokens"].long(), batch["observation.language.tokens"].cpu())
 
 
-def test_token_level_loss_is_the_policys_own_fast_loss(setup):
+def hard_label_loss(adapter, inputs, tokens, mask):
+    request = TargetRequest(targets=("action_output",), top_k=0)
+    stored = {"action_output": {"tokens": tokens, "token_mask": mask}}
+    return adapter.retention_losses(inputs, stored, request)["action_output"]
+
+
+def test_hard_label_loss_is_the_policys_own_fast_loss(setup):
+    """action_output with top_k 0 on the dataset's own FAST tokens = the policy's training loss."""
     policy, adapter, batch, inputs, _ = setup
-    labels = adapter.anchor_labels(batch)
-    assert set(labels) == set(adapter.label_spec())
+    tokens, mask = batch["action.tokens"].cpu(), batch["action.token_mask"].cpu().bool()
     with torch.no_grad():
         own, _ = policy.forward(with_stored_images(batch, inputs, policy.config.image_features))
-        ours = adapter.token_level_loss(inputs, labels)
+        ours = hard_label_loss(adapter, inputs, tokens, mask)
     torch.testing.assert_close(ours, own, atol=1e-6, rtol=1e-6)
 
 
@@ -88,19 +95,17 @@ def test_layers_outside_the_backbone_are_rejected(setup):
         adapter.prefix_hidden_states(inputs, [adapter.depth + 1])
 
 
-def test_teacher_greedy_labels_minimise_the_teachers_own_token_loss(setup):
+def test_teacher_greedy_tokens_cost_the_teacher_less_than_other_tokens(setup):
     policy, adapter, _, inputs, _ = setup
-    labels = adapter.teacher_action_token_labels(inputs)
-    for name, array_spec in adapter.label_spec().items():
-        assert tuple(labels[name].shape[1:]) == array_spec.shape
-    mask = labels["action_token_mask"]
+    tokens, mask = adapter.greedy_fast_tokens(inputs)
+    spec, _ = adapter.target_spec("action_output", TargetRequest(targets=("action_output",), top_k=0))
+    assert tuple(tokens.shape[1:]) == spec["tokens"].shape and tuple(mask.shape[1:]) == spec["token_mask"].shape
     assert mask[:, :2].all()  # <bos> and at least one generated token
-    # Greedy tokens are the argmax of the teacher-forced logits at every position: any other
-    # tokens under the same mask cost the teacher more.
-    other = dict(labels, action_tokens=labels["action_tokens"].clone())
+    # Greedy tokens are the teacher's most likely ones: shifting them costs the teacher more.
     vocab = policy.model.paligemma_with_expert.paligemma.config.text_config.vocab_size
-    other["action_tokens"][:, 1:] = (other["action_tokens"][:, 1:] + 1) % vocab
+    other = tokens.clone()
+    other[:, 1:] = (other[:, 1:] + 1) % vocab
     with torch.no_grad():
-        own = adapter.token_level_loss(inputs, labels)
-        worse = adapter.token_level_loss(inputs, other)
+        own = hard_label_loss(adapter, inputs, tokens, mask)
+        worse = hard_label_loss(adapter, inputs, other, mask)
     assert own < worse

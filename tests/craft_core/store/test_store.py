@@ -6,14 +6,13 @@ These tests need no policy: the input spec is synthetic (the shapes an adapter w
 import shutil
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from craft_core.policies.base import ArraySpec
+from craft_core.policies.base import ArraySpec, PolicyAdapter
 from craft_core.store import (
     AnchorDataset,
     AnchorStoreError,
@@ -30,6 +29,7 @@ from craft_core.store import (
 )
 
 N, L, V, D = 37, 2, 2, 16
+HIDDEN = "targets/prefix/hidden"
 INPUT_SPEC = {
     "image": ArraySpec((3, 8, 8), "uint8"),
     "tokens": ArraySpec((6,), "int64"),
@@ -38,12 +38,12 @@ INPUT_SPEC = {
 
 
 def make_layout(n_anchors=N, chunk_anchors=8, shard_chunks=None, fingerprint="fp-a", dtype="float16"):
+    pooling = ["vision_token_mean", "text_token_last"]
     return StoreLayout(
-        kind="hidden_state",
         n_anchors=n_anchors,
         input_spec=INPUT_SPEC,
-        teacher_shape=(L, V, D),
-        teacher_dtype=dtype,
+        targets={"prefix": {"hidden": ArraySpec((L, V, D), dtype)}},
+        target_attrs={"prefix": {"layers": [1, 2], "pooling": pooling}},
         chunk_anchors=chunk_anchors,
         shard_chunks=shard_chunks,
         attrs={
@@ -51,7 +51,8 @@ def make_layout(n_anchors=N, chunk_anchors=8, shard_chunks=None, fingerprint="fp
             "layers": [1, 2],
             "depth": 2,
             "hidden_size": D,
-            "pooling": ["vision_token_mean", "text_token_last"],
+            "pooling": pooling,
+            "dtype": dtype,
             "teacher": {"policy_type": "pi0_fast", "path": "/teachers/x", "revision": None},
         },
     )
@@ -63,7 +64,7 @@ def block_data(layout: StoreLayout, start: int, stop: int) -> dict[str, np.ndarr
     rng = np.random.default_rng(start)
     held = heldout_mask(layout.n_anchors, 0.1)
     return {
-        "teacher_hidden": rng.standard_normal((n, L, V, D)).astype(layout.teacher_dtype),
+        HIDDEN: rng.standard_normal((n, L, V, D)).astype(layout.targets["prefix"]["hidden"].dtype),
         "inputs/image": rng.integers(0, 256, (n, 3, 8, 8), dtype=np.uint8),
         "inputs/tokens": rng.integers(0, 1000, (n, 6)).astype(np.int64),
         "inputs/token_mask": rng.random((n, 6)) > 0.3,
@@ -86,7 +87,7 @@ def write_store(url, layout=None, blocks=None, finalize=True):
 
 def read_all(url) -> dict[str, np.ndarray]:
     group = zarr.open_group(str(url), mode="r")
-    names = ["teacher_hidden", "inputs/image", "inputs/tokens", "inputs/token_mask",
+    names = [HIDDEN, "inputs/image", "inputs/tokens", "inputs/token_mask",
              "provenance/episode_index", "provenance/frame_index", "provenance/task", "split/heldout"]
     return {name: group[name][:] for name in names}
 
@@ -118,7 +119,7 @@ def store_url(template_store, tmp_path) -> str:
 def test_written_store_round_trips_and_reports_info(store_url):
     store = open_anchor_store(store_url)
     info = store.info()
-    assert info["kind"] == "hidden_state" and info["n_anchors"] == N
+    assert list(info["targets"]) == ["prefix"] and info["n_anchors"] == N
     assert info["n_heldout"] == round(0.1 * N) and info["n_train"] == N - info["n_heldout"]
     assert info["layers"] == [1, 2] and info["hidden_size"] == D and info["dtype"] == "float16"
     expected = {}
@@ -127,7 +128,7 @@ def test_written_store_round_trips_and_reports_info(store_url):
             expected.setdefault(name, []).append(values)
     assert_same_arrays(read_all(store_url), {k: np.concatenate(v) for k, v in expected.items()})
     group = zarr.open_group(store_url, mode="r")
-    assert group["teacher_hidden"].chunks == (8, L, V, D)
+    assert group[HIDDEN].chunks == (8, L, V, D)
     assert group["inputs/image"].chunks == (8, 3, 8, 8)
     assert store.provenance()["task"][4] == "task 1"
 
@@ -147,8 +148,9 @@ def test_store_at_a_url(tmp_path, scheme):
     sample = dataset[9]
     expected = block_data(make_layout(), 0, 16)
     np.testing.assert_array_equal(sample["inputs"]["image"].numpy(), expected["inputs/image"][9])
-    assert sample["teacher_hidden"].dtype == torch.float32
-    np.testing.assert_array_equal(sample["teacher_hidden"].numpy(), expected["teacher_hidden"][9].astype(np.float32))
+    hidden = sample["targets"]["prefix"]["hidden"]
+    assert hidden.dtype == torch.float32
+    np.testing.assert_array_equal(hidden.numpy(), expected[HIDDEN][9].astype(np.float32))
 
 
 def test_resume_reports_written_blocks_and_rewrites_nothing_else(tmp_path):
@@ -157,7 +159,7 @@ def test_resume_reports_written_blocks_and_rewrites_nothing_else(tmp_path):
     # A "killed" writer: data of block 3 written but not its marker.
     writer = AnchorStoreWriter(url, make_layout())
     group = zarr.open_group(url, mode="r+")
-    group["teacher_hidden"][24:32] = np.full((8, L, V, D), 7, dtype=np.float16)
+    group[HIDDEN][24:32] = np.full((8, L, V, D), 7, dtype=np.float16)
     assert writer.written_blocks() == {0, 2}
     with pytest.raises(AnchorStoreError, match="incomplete"):
         open_anchor_store(url)
@@ -204,7 +206,7 @@ def test_concurrent_writers_of_disjoint_blocks_equal_one_writer(tmp_path):
     assert not errors
     finalize_store(shared)
     assert_same_arrays(read_all(shared), read_all(single))
-    assert zarr.open_group(shared, mode="r")["teacher_hidden"].shards == (4, L, V, D)
+    assert zarr.open_group(shared, mode="r")[HIDDEN].shards == (4, L, V, D)
 
 
 def test_write_block_rejects_wrong_shapes_and_non_finite_values(tmp_path):
@@ -212,7 +214,7 @@ def test_write_block_rejects_wrong_shapes_and_non_finite_values(tmp_path):
     data = block_data(writer.layout, 0, 8)
     with pytest.raises(ValueError, match="inputs/image has shape"):
         writer.write_block(0, {**data, "inputs/image": data["inputs/image"][:, :2]})
-    data["teacher_hidden"][3, 0, 0, 0] = np.inf
+    data[HIDDEN][3, 0, 0, 0] = np.inf
     with pytest.raises(ValueError, match="non-finite"):
         writer.write_block(0, data)
     assert writer.written_blocks() == set()
@@ -246,35 +248,34 @@ def _write(path, index, value):
 
 def _replace_teacher_dtype(url):
     group = zarr.open_group(url, mode="r+")
-    values = group["teacher_hidden"][:]
-    del group["teacher_hidden"]
-    group.create_array("teacher_hidden", data=values.astype(np.float32), chunks=(8, L, V, D))
+    values = group[HIDDEN][:]
+    del group[HIDDEN]
+    group.create_array(HIDDEN, data=values.astype(np.float32), chunks=(8, L, V, D))
 
 
+IDENTITY = "identity attributes .* were changed"
+# Attribute edits are caught by the identity digest (tests/craft_core/store/test_integrity.py has
+# the full corruption suite on a store made by the cache stage); these check the layers below it.
 CORRUPTIONS = {
     "incomplete": (_set_attrs(complete=False), "incomplete.*resume"),
     "unknown schema": (_set_attrs(schema_version=7), "schema version 7 is not supported"),
     "no schema attribute": (_set_attrs(schema_version=None), "schema version None"),
-    "unknown kind": (_set_attrs(kind="logits"), "unknown kind 'logits'"),
+    "no targets": (_set_attrs(targets={}), "must name at least one target"),
     "missing input array": (_delete("inputs/tokens"), "array inputs/tokens is missing"),
-    "missing teacher array": (_delete("teacher_hidden"), "array teacher_hidden is missing"),
+    "missing teacher array": (_delete(HIDDEN), f"array {HIDDEN} is missing"),
     "missing split": (_delete("split"), "array split/heldout is missing"),
-    "hidden size disagrees": (_set_attrs(hidden_size=32), r"teacher_hidden has shape \(37, 2, 2, 16\) but the attributes"),
-    "layers disagree": (_set_attrs(layers=[0, 1, 2]), r"teacher_hidden has shape .* say \(37, 3, 2, 16\)"),
+    "hidden size disagrees": (_set_attrs(hidden_size=32), IDENTITY),
+    "layers disagree": (_set_attrs(layers=[0, 1, 2]), IDENTITY),
     "input spec disagrees": (
         _set_attrs(input_spec={**{k: v.to_json() for k, v in INPUT_SPEC.items()}, "image": {"shape": [3, 9, 9], "dtype": "uint8"}}),
-        r"inputs/image has shape \(37, 3, 8, 8\)",
+        IDENTITY,
     ),
-    "input dtype disagrees": (
-        _set_attrs(input_spec={**{k: v.to_json() for k, v in INPUT_SPEC.items()}, "tokens": {"shape": [6], "dtype": "int32"}}),
-        "inputs/tokens has dtype int64 but the attributes say int32",
-    ),
-    "teacher dtype disagrees": (_replace_teacher_dtype, "teacher_hidden has dtype float32 but the attributes say float16"),
-    "wrong n_anchors attribute": (_set_attrs(n_anchors=40), "n_anchors say"),
-    "NaN teacher value": (_write("teacher_hidden", (20, 1, 0, 3), np.nan), r"non-finite values .* anchors \[20\]"),
-    "inf teacher value": (_write("teacher_hidden", (36, 0, 1, 0), np.inf), r"non-finite values .* anchors \[36\]"),
+    "teacher dtype disagrees": (_replace_teacher_dtype, f"{HIDDEN} has dtype float32 but the attributes say float16"),
+    "wrong n_anchors attribute": (_set_attrs(n_anchors=40), IDENTITY),
+    "NaN teacher value": (_write(HIDDEN, (20, 1, 0, 3), np.nan), f"{HIDDEN} block 2: its content does not match"),
+    "inf teacher value": (_write(HIDDEN, (36, 0, 1, 0), np.inf), f"{HIDDEN} block 4: its content does not match"),
     "missing block marker": (_write("progress/block_written", 2, 0), "1 blocks have no written marker"),
-    "split edited": (_write("split/heldout", 0, True), "n_heldout=4 but split/heldout marks 5"),
+    "split edited": (_write("split/heldout", 0, True), "split/heldout block 0: its content does not match"),
 }
 
 
@@ -293,9 +294,31 @@ def test_open_refuses_a_missing_path(tmp_path):
         open_anchor_store(tmp_path / "nowhere.zarr")
 
 
+class StandInAdapter(PolicyAdapter):
+    """The adapter surface the store compares a student with (policy type, depth, width, inputs),
+    without a model: the real adapters meet it in tests/craft_core/test_extraction.py."""
+
+    retention_targets = ("prefix",)
+
+    def __init__(self, policy_type, depth, hidden_size, input_spec):
+        super().__init__(policy=None)
+        self.policy_type, self._depth, self._hidden_size, self._input_spec = policy_type, depth, hidden_size, input_spec
+
+    depth = property(lambda self: self._depth)
+    hidden_size = property(lambda self: self._hidden_size)
+
+    def input_spec(self, targets=("prefix",)):
+        return self._input_spec
+
+    def anchor_inputs(self, batch, targets=("prefix",)):
+        raise NotImplementedError
+
+    def prefix_hidden_states(self, inputs, layers):
+        raise NotImplementedError
+
+
 def student(policy_type="pi0_fast", depth=2, hidden_size=D, input_spec=INPUT_SPEC):
-    # The adapter surface the store compares with (policy type, depth, width, prefix inputs).
-    return SimpleNamespace(policy_type=policy_type, depth=depth, hidden_size=hidden_size, input_spec=lambda: input_spec)
+    return StandInAdapter(policy_type, depth, hidden_size, input_spec)
 
 
 EXPECTATIONS = {
@@ -304,9 +327,11 @@ EXPECTATIONS = {
     "student depth": (dict(student=student(depth=4)), "depth 2 but the student's has 4"),
     "student prefix inputs": (
         dict(student=student(input_spec={**INPUT_SPEC, "image": ArraySpec((3, 16, 16), "uint8")})),
-        "differ from the student's prefix inputs",
+        "differ from the student's inputs",
     ),
     "requested layers": (dict(student=student(), layers=[-3, -1]), r"holds layers \[1, 2\] .* layers \[-3, -1\] were requested"),
+    "requested target the store lacks": (dict(student=student(), targets=["action_output"]),
+                                         r"holds the targets \['prefix'\] but \['action_output'\] were requested"),
 }
 
 
@@ -320,7 +345,7 @@ def test_store_refuses_an_incompatible_student(store_url, case):
 def test_store_accepts_a_compatible_student(store_url):
     store = open_anchor_store(store_url)
     check_fits_student(store, student(), layers=[-2, -1])
-    assert store.kind == "hidden_state" and store.info()["layers"] == [1, 2]
+    assert list(store.targets) == ["prefix"] and store.info()["layers"] == [1, 2]
 
 
 # ---------------------------------------------------------------- reader
@@ -357,7 +382,7 @@ def test_dataset_splits_are_disjoint_and_values_match(store_url):
     seen = []
     for batch in train.loader(5, window_chunks=2, seed=3):
         seen += batch["index"].tolist()
-        assert batch["teacher_hidden"].shape[1:] == (L, V, D)
+        assert batch["targets"]["prefix"]["hidden"].shape[1:] == (L, V, D)
         assert batch["inputs"]["token_mask"].dtype == torch.bool
     assert sorted(seen) == train.store_indices.tolist()
     data = block_data(make_layout(), 32, 37)
@@ -373,5 +398,5 @@ def test_dataloader_workers_give_the_same_batches(store_url):
     assert len(plain) == len(workers)
     for a, b in zip(plain, workers):
         assert torch.equal(a["index"], b["index"])
-        assert torch.equal(a["teacher_hidden"], b["teacher_hidden"])
+        assert torch.equal(a["targets"]["prefix"]["hidden"], b["targets"]["prefix"]["hidden"])
         assert torch.equal(a["inputs"]["image"], b["inputs"]["image"])
