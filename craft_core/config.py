@@ -310,6 +310,12 @@ class TrainConfig(StrictModel):
     log_every: int = Field(default=10, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    normalization: Literal["task", "teacher", "union"] = Field(
+        default="teacher",
+        description="Statistics the fine-tuned checkpoint normalises with: task (the new dataset's, as "
+        "lerobot-train), teacher (the teacher's own, unchanged) or union (anchor and task datasets together). "
+        "The anchor store is made with the same statistics",
+    )
     wandb_project: str | None = None
     retention: RetentionConfig | None = Field(
         default_factory=RetentionConfig,

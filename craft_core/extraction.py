@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from craft_core.config import CacheConfig, semantic
+from craft_core.config import CacheConfig, DatasetSource, semantic
 from craft_core.devices import resolve_device
 from craft_core.store import (
     AnchorStoreWriter,
@@ -148,7 +148,8 @@ def dataset_identity(cfg: CacheConfig, dataset) -> dict:
     }
 
 
-def cache_fingerprint(cfg: CacheConfig, teacher: dict, dataset: dict, compute: dict, chunk_anchors: int) -> str:
+def cache_fingerprint(cfg: CacheConfig, teacher: dict, dataset: dict, compute: dict, chunk_anchors: int, *,
+                      normalization: str = "anchor_dataset", task_dataset: DatasetSource | None = None) -> str:
     # Where and how fast it ran is not what it holds: the resolved device type and autocast are
     # in `compute`, the shared non-semantic settings are dropped.
     content = semantic(cfg.model_dump(mode="json", exclude={"device"}), "cache")
@@ -159,7 +160,11 @@ def cache_fingerprint(cfg: CacheConfig, teacher: dict, dataset: dict, compute: d
         content["teacher"].pop("path")
     dataset = {k: v for k, v in dataset.items() if k != "root"}
     content["dataset"].pop("root")
-    return store_fingerprint({"config": content, "teacher": teacher, "dataset": dataset, "compute": compute})
+    payload = {"config": content, "teacher": teacher, "dataset": dataset, "compute": compute}
+    if normalization != "anchor_dataset":  # stores made before the choice existed keep their fingerprint
+        payload["normalization"] = {"statistics": normalization,
+                                    "task_dataset": task_dataset.repo_id if task_dataset is not None else None}
+    return store_fingerprint(payload)
 
 
 # ---------------------------------------------------------------- the stage
@@ -175,12 +180,27 @@ def _load_dataset(cfg: CacheConfig):
     )
 
 
-def _load_teacher(cfg: CacheConfig, dataset, device: torch.device):
+def anchor_statistics(cfg: CacheConfig, dataset, normalization: str, task_dataset: DatasetSource | None) -> tuple[dict | None, str]:
+    """The statistics anchors are normalised with (None = the teacher's saved ones) and their name.
+
+    They are those the fine-tuned student will be saved with (``train.normalization``, see
+    craft_core.normalization), so the stored inputs are what its own pipeline makes of the anchor
+    frames: pi0_fast and pi05 even put the normalised state into the prompt. Under ``task`` the
+    student gets the new task's statistics, which would show the teacher foreign inputs; the
+    anchors then keep the anchor dataset's own statistics (the teacher's view of its task).
+    """
+    from craft_core.normalization import fine_tuning_stats
+
+    if normalization == "task":
+        return dataset.meta.stats, "anchor_dataset"
+    return fine_tuning_stats(normalization, task_dataset=task_dataset, anchor_dataset=cfg.dataset), normalization
+
+
+def _load_teacher(cfg: CacheConfig, stats: dict | None, device: torch.device):
     from craft_core.policy_io import load_policy, make_processors
 
     policy = load_policy(cfg.teacher, device=device)
-    # The anchor dataset's statistics: pi0_fast puts the state, normalised with them, into the prompt.
-    preprocessor, _ = make_processors(policy, pretrained_path=cfg.teacher.path, dataset_stats=dataset.meta.stats)
+    preprocessor, _ = make_processors(policy, pretrained_path=cfg.teacher.path, dataset_stats=stats)
     return policy, preprocessor
 
 
@@ -190,8 +210,14 @@ def extract_anchors(
     *,
     progress: Progress | None = None,
     shard: tuple[int, int] | None = None,
+    normalization: str = "task",
+    task_dataset: DatasetSource | None = None,
 ) -> dict:
     """Write the anchor store at ``store_url`` (resuming it if present); returns the StoreInfo dict.
+
+    ``normalization`` (``train.normalization`` of the pipeline: task, teacher or union) and
+    ``task_dataset`` choose the statistics the anchors are normalised with (``anchor_statistics``);
+    the default keeps the anchor dataset's own.
 
     With ``shard=(i, n)`` only worker i's blocks are written and the store is left incomplete;
     once every worker is done, :func:`craft_core.store.finalize_store` checks it and sets
@@ -203,7 +229,8 @@ def extract_anchors(
     device = resolve_device(cfg.device, field="cache.device")
     dataset = _load_dataset(cfg)
     selection = select_anchors(dataset, cfg)
-    policy, preprocessor = _load_teacher(cfg, dataset, device)
+    stats, stats_name = anchor_statistics(cfg, dataset, normalization, task_dataset)
+    policy, preprocessor = _load_teacher(cfg, stats, device)
     adapter = get_adapter(policy)
     try:
         adapter.check_targets(cfg.targets)
@@ -242,7 +269,10 @@ def extract_anchors(
                      "frame_stride": cfg.frame_stride, "heldout_fraction": cfg.heldout_fraction,
                      "prompts": cfg.prompts},
         "compute": compute,
-        "fingerprint": cache_fingerprint(cfg, teacher, data_id, compute, layout.chunk_anchors),
+        "normalization": {"statistics": stats_name,
+                          "task_dataset": task_dataset.model_dump(mode="json") if stats_name == "union" else None},
+        "fingerprint": cache_fingerprint(cfg, teacher, data_id, compute, layout.chunk_anchors,
+                                         normalization=stats_name, task_dataset=task_dataset),
     }
     writer = AnchorStoreWriter(store_url, layout)
     if writer.group.attrs.get("complete"):
@@ -319,7 +349,9 @@ def extract_anchors(
     return finalize_store(store_url)
 
 
-def cache_stage(cfg: CacheConfig, *, upstream: dict[str, dict], out_dir: Path, progress: Progress | None = None) -> dict:
+def cache_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSource | None, upstream: dict[str, dict],
+                out_dir: Path, progress: Progress | None = None) -> dict:
     """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr``; returns its StoreInfo."""
     url = str(Path(out_dir) / STORE_NAME)
-    return {**extract_anchors(cfg, url, progress=progress), "store_url": url}
+    info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset)
+    return {**info, "store_url": url}

@@ -34,10 +34,11 @@ from craft_core.checkpoint import (
     pretrained_model_dir,
     save_checkpoint,
 )
-from craft_core.config import PolicySource, TrainConfig, semantic
+from craft_core.config import DatasetSource, PolicySource, TrainConfig, semantic
 from craft_core.devices import resolve_device
 from craft_core.distributed import all_reduce_gradients_, mean_across_ranks
 from craft_core.metrics import MetricsLog, plot_training
+from craft_core.normalization import fine_tuning_stats
 from craft_core.retention import Retention, RetentionSetupError, open_retention
 from craft_core.surgery import SurgeryStats, apply_gradient_surgery, retention_gradients
 
@@ -236,10 +237,12 @@ def train(
     out_dir: Path,
     progress: ProgressFn | None = None,
     role: str | None = None,
+    anchor_dataset: DatasetSource | None = None,
 ) -> dict:
     """Fine-tune a student initialised from ``teacher`` on ``cfg.dataset``; CRaFT unless ``cfg.retention`` is None.
 
-    ``role`` only names the run in its log line and plot (default: CRaFT / baseline).
+    ``role`` only names the run in its log line and plot (default: CRaFT / baseline);
+    ``anchor_dataset`` is needed for ``train.normalization: union`` (statistics of both datasets).
     """
     from lerobot.common.train_utils import get_step_checkpoint_dir, should_save_checkpoint
     from lerobot.datasets import compute_sampler_state
@@ -275,10 +278,9 @@ def train(
     ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
     source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
     policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device), trainable=True)
-    # Fine-tuning normalises with the task dataset's statistics; a resumed run keeps its own.
-    preprocessor, postprocessor = make_processors(
-        policy, dataset_stats=None if resume_from else ds_meta.stats, pretrained_path=source.path
-    )
+    # The statistics the checkpoint will be deployed with (train.normalization); a resumed run keeps its own.
+    stats = None if resume_from else fine_tuning_stats(cfg.normalization, task_dataset=ds, anchor_dataset=anchor_dataset)
+    preprocessor, postprocessor = make_processors(policy, dataset_stats=stats, pretrained_path=source.path)
     dataset = LeRobotDataset(ds.repo_id, root=ds.root, episodes=ds.episodes, revision=ds.revision,
                              delta_timestamps=resolve_delta_timestamps(policy.config, ds_meta),
                              video_backend=ds.video_backend)
@@ -422,8 +424,9 @@ def train(
     return result
 
 
-def train_stage(cfg: TrainConfig, *, teacher: PolicySource, upstream: dict[str, dict], out_dir: Path,
-                progress: ProgressFn | None = None) -> dict:
+def train_stage(cfg: TrainConfig, *, teacher: PolicySource, anchor_dataset: DatasetSource | None,
+                upstream: dict[str, dict], out_dir: Path, progress: ProgressFn | None = None) -> dict:
     """The pipeline's train stage (one run): the anchor store comes from the cache stage's result."""
     store_url = upstream["cache"]["store_url"] if cfg.retention is not None else None
-    return train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress)
+    return train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress,
+                 anchor_dataset=anchor_dataset)

@@ -26,7 +26,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from craft_core.config import AssetsConfig, CacheConfig, EvalConfig, PipelineConfig, PolicySource, TrainConfig
+from craft_core.config import (
+    AssetsConfig,
+    CacheConfig,
+    DatasetSource,
+    EvalConfig,
+    PipelineConfig,
+    PolicySource,
+    TrainConfig,
+)
 from craft_core.demo.assets import assets_stage
 from craft_core.evaluation import eval_stage
 from craft_core.extraction import cache_stage
@@ -51,6 +59,8 @@ SLICE_MODELS: dict[str, type[BaseModel]] = {
     "train": TrainConfig,
     "eval": EvalConfig,
     "teacher": PolicySource,
+    "task_dataset": DatasetSource,
+    "anchor_dataset": DatasetSource,
 }
 
 
@@ -118,12 +128,17 @@ def stage_slices(cfg: PipelineConfig) -> list[tuple[str, str, dict[str, Any], li
 
     if cfg.assets is not None:
         add("assets", "assets", {"assets": cfg.assets}, [])
-    add("cache", "cache", {"cache": cfg.cache}, [])
+    # The anchors are normalised with the statistics the fine-tuned students are saved with.
+    normalization = cfg.train.normalization
+    uses_task_stats = normalization == "union"
+    add("cache", "cache", {"cache": cfg.cache, "normalization": normalization,
+                           "task_dataset": cfg.train.dataset if uses_task_stats else None}, [])
     teacher = cfg.cache.teacher
     trains = []
     for run in cfg.runs:
         train = cfg.run_train_config(run)
-        add(f"train_{run}", "train", {"train": train, "teacher": teacher},
+        add(f"train_{run}", "train",
+            {"train": train, "teacher": teacher, "anchor_dataset": cfg.cache.dataset if normalization == "union" else None},
             ["cache"] if train.retention is not None else [])
         trains.append(f"train_{run}")
     add("eval", "eval", {"eval": cfg.eval, "teacher": teacher, "runs": list(cfg.runs)}, ["cache", *trains])
