@@ -101,7 +101,7 @@ class AssetsConfig(StrictModel):
     """Offline demo assets: a tiny real lerobot policy and scripted sim datasets."""
 
     policy_type: str = Field(default="pi0_fast", description="A policy type of craft_core.policies")
-    env: Literal["pusht", "aloha"] = "pusht"
+    env: Literal["pusht", "aloha", "metaworld"] = "pusht"
     episodes_per_task: int = Field(default=4, ge=1, description="Recorded episodes per task used for training")
     heldout_episodes_per_task: int = Field(
         default=0, ge=0,
@@ -293,6 +293,15 @@ class RetentionConfig(StrictModel):
         return ResolvedConstraint.model_validate(values)
 
 
+class ReplayConfig(StrictModel):
+    """Replay of old data: a fraction of every task batch drawn from another dataset's frames."""
+
+    fraction: float = Field(gt=0.0, lt=1.0, description="Share of the samples drawn from `dataset`, e.g. 0.05")
+    dataset: DatasetSource | None = Field(
+        default=None, description="Frames to replay; default the anchor dataset (cache.dataset: the retained task)"
+    )
+
+
 class TrainConfig(StrictModel):
     """Stage 2: fine-tune the student (initialised from the teacher) on the new task."""
 
@@ -317,6 +326,9 @@ class TrainConfig(StrictModel):
         "The anchor store is made with the same statistics",
     )
     wandb_project: str | None = None
+    replay: ReplayConfig | None = Field(
+        default=None, description="Mix frames of an old dataset into the task batches (a reference that uses old data)"
+    )
     retention: RetentionConfig | None = Field(
         default_factory=RetentionConfig,
         description="CRaFT's retention settings; null = plain fine-tuning (the baseline): the one retention switch",
@@ -334,6 +346,9 @@ class RunSpec(StrictModel):
     targets: list[RetentionTarget] | None = Field(
         default=None, description="Constrain only these of the anchor store's targets (default: train.retention's)"
     )
+    replay: ReplayConfig | None = Field(
+        default=None, description="Replay old frames in this run (e.g. {fraction: 0.05}: 5 % of task-A frames)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "RunSpec":
@@ -350,13 +365,34 @@ def default_runs() -> dict[str, RunSpec]:
 
 class SimEvalConfig(StrictModel):
     name: str | None = Field(default=None, description="Name in the report (e.g. task_a); default env[/task]")
-    env: Literal["pusht", "aloha", "libero"]
-    task: str | None = Field(default=None, description="Env task, e.g. AlohaTransferCube-v0 or libero_10")
+    env: Literal["pusht", "aloha", "libero", "metaworld"]
+    task: str | None = Field(
+        default=None, description="Env task, e.g. AlohaTransferCube-v0, libero_10 or button-press-v3 (metaworld)"
+    )
+    image_size: int | None = Field(
+        default=None, ge=16, description="metaworld: rendered image size; default the policy's image feature size"
+    )
+    fast_render: bool = Field(
+        default=True, description="metaworld: no shadows, reflections or multisampling, a small offscreen buffer"
+    )
     n_episodes: int = Field(default=2, ge=1)
     batch_size: int = Field(default=1, ge=1)
     seed: int = 1000
     max_episode_steps: int | None = Field(default=None, ge=1)
     n_videos: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SimEvalConfig":
+        if self.env == "metaworld":
+            if self.task is None:
+                raise ValueError("a metaworld entry needs a task (a MetaWorld task name, e.g. button-press-v3)")
+            unknown = [t for t in self.task.split(",") if t.strip() not in metaworld_tasks()
+                       and t.strip() not in ("easy", "medium", "hard", "very_hard")]
+            if unknown:
+                raise ValueError(f"task {unknown} is not a MetaWorld task lerobot knows")
+        elif self.image_size is not None:
+            raise ValueError(f"image_size applies to metaworld only (env {self.env!r} renders its own size)")
+        return self
 
 
 class ActionLossConfig(StrictModel):
@@ -457,16 +493,21 @@ class PipelineConfig(StrictModel):
         return self
 
     def run_train_config(self, run: str) -> TrainConfig:
-        """``train`` as run ``run`` trains: retention off for a baseline run, its own targets otherwise."""
+        """``train`` as run ``run`` trains: retention off for a baseline run, its own targets otherwise,
+        and its replay (old frames: the anchor dataset unless it names another)."""
         spec = self.runs[run]
+        train = self.train
+        if spec.replay is not None:
+            replay = spec.replay.model_copy(update={"dataset": spec.replay.dataset or self.cache.dataset})
+            train = train.model_copy(update={"replay": replay})
         if not spec.retention:
-            return self.train.model_copy(update={"retention": None})
+            return train.model_copy(update={"retention": None})
         if spec.targets is None:
-            return self.train
+            return train
         current = self.train.retention.targets or {}
         targets = {name: current.get(name, TargetConstraint()) for name in spec.targets}
         retention = self.train.retention.model_copy(update={"targets": targets})
-        return self.train.model_copy(update={"retention": retention})
+        return train.model_copy(update={"retention": retention})
 
 
 class ExperimentSection(StrictModel):

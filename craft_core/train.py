@@ -197,8 +197,12 @@ def _run_description(cfg: TrainConfig, teacher: PolicySource, store_url: str | N
     }
 
 
-def _task_dataloader(cfg: TrainConfig, dataset, policy, *, pin_memory: bool):
-    """lerobot's episode-aware sampler: data order is a pure function of (seed, epoch), resumable."""
+def _task_dataloader(cfg: TrainConfig, dataset, policy, *, pin_memory: bool, replay_dataset=None):
+    """lerobot's episode-aware sampler: data order is a pure function of (seed, epoch), resumable.
+
+    With ``replay_dataset`` a share ``cfg.replay.fraction`` of the samples are its frames instead
+    (``craft_core.replay``).
+    """
     from lerobot.datasets import EpisodeAwareSampler
 
     sampler = EpisodeAwareSampler(
@@ -210,6 +214,11 @@ def _task_dataloader(cfg: TrainConfig, dataset, policy, *, pin_memory: bool):
         seed=cfg.seed,
         absolute_to_relative_idx=dataset.absolute_to_relative_idx,
     )
+    if replay_dataset is not None:
+        from craft_core.replay import ReplaySampler
+
+        sampler = ReplaySampler(sampler, len(dataset), len(replay_dataset), cfg.replay.fraction, cfg.seed)
+        dataset = torch.utils.data.ConcatDataset([dataset, replay_dataset])
     dataloader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -284,6 +293,16 @@ def train(
     dataset = LeRobotDataset(ds.repo_id, root=ds.root, episodes=ds.episodes, revision=ds.revision,
                              delta_timestamps=resolve_delta_timestamps(policy.config, ds_meta),
                              video_backend=ds.video_backend)
+    replay_dataset = None
+    if cfg.replay is not None:  # old frames mixed into the task batches (a reference that uses old data)
+        from craft_core.replay import check_compatible
+
+        old = cfg.replay.dataset
+        old_meta = LeRobotDatasetMetadata(old.repo_id, root=old.root, revision=old.revision)
+        replay_dataset = LeRobotDataset(old.repo_id, root=old.root, episodes=old.episodes, revision=old.revision,
+                                        delta_timestamps=resolve_delta_timestamps(policy.config, old_meta),
+                                        video_backend=old.video_backend)
+        check_compatible(dataset, replay_dataset, "train.replay.dataset")
 
     # Retention: validate the anchor store against the student before anything trains.
     retention = None
@@ -296,7 +315,8 @@ def train(
     optimizer_settings = _OptimizerSettings(cfg, policy)
     optimizer, lr_scheduler = make_optimizer_and_scheduler(optimizer_settings, policy)
     grad_clip_norm = optimizer_settings.optimizer.grad_clip_norm or 0.0
-    sampler, dataloader = _task_dataloader(cfg, dataset, policy, pin_memory=accelerator.device.type == "cuda")
+    sampler, dataloader = _task_dataloader(cfg, dataset, policy, pin_memory=accelerator.device.type == "cuda",
+                                           replay_dataset=replay_dataset)
     policy, optimizer, dataloader, lr_scheduler = accelerator.prepare(policy, optimizer, dataloader, lr_scheduler)
     student = accelerator.unwrap_model(policy)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""Small real LeRobotDatasets recorded offline by seeded scripted controllers in gym-pusht / gym-aloha.
+"""Small real LeRobotDatasets recorded offline by seeded scripted controllers: gym-pusht, gym-aloha, MetaWorld.
 
 Feature names are the ones lerobot's env preprocessing (`lerobot.envs.utils.preprocess_observation`)
 produces for these envs, so a policy trained on a recording is evaluated in lerobot's sim eval
@@ -9,6 +9,10 @@ produces for these envs, so a policy trained on a recording is evaluated in lero
 - aloha: `observation.images.top` [S, round(S*4/3), 3] (the sim's 4:3 top camera, rendered at
   that size),
   `observation.state` [14] (joint positions), `action` [14] (joint targets).
+- metaworld: `observation.image` [S, S, 3] (the corner2 camera as lerobot's env renders and flips
+  it, at S px through `craft_core.evaluation.metaworld`), `observation.state` [4] (hand xyz and
+  gripper opening), `action` [4] (metaworld's scripted expert, clipped to [-1, 1]); the task string
+  is lerobot's own description of the task (what its eval gives the policy).
 
 Camera frames are stored as images (PNG inside the parquet files) by default: at these sizes it
 recorded and read back faster than AV1 video here (3x20 pusht frames: ~0.8 s vs ~1.3 s to record,
@@ -25,7 +29,10 @@ at most 30 px per step, plus N(0, 3 px) noise):
 - `corner`: goes straight to the top-left corner and stays there.
 aloha (`AlohaInsertion-v0` physics, joint-position targets, N(0, 0.01 rad) noise): `reach` leans both
 arms forward over the table and closes the grippers; `lift` raises and twists the arms outwards
-while opening and closing the grippers. Neither inserts anything.
+while opening and closing the grippers. Neither inserts anything. metaworld: any task of lerobot's
+list, driven by metaworld's own scripted expert policy for it (they solve 12 of 13 easy tasks
+10/10 here); an episode stops at its first success, as lerobot's eval does, and a failed expert
+episode is redrawn with another seed.
 
 Every episode is reproducible: the env is reset with a seed derived from (`seed`, episode index)
 and the controller's action noise comes from a generator seeded the same way, so the same
@@ -54,9 +61,13 @@ ALOHA_TASKS: dict[str, str] = {
     "lift": "raise both arms and open and close the grippers",
 }
 
-ENVS = ("pusht", "aloha")
+ENVS = ("pusht", "aloha", "metaworld")
 PUSHT_FPS = 10  # lerobot's PushtEnv fps
 ALOHA_FPS = 50  # lerobot's AlohaEnv fps (gym_aloha DT = 0.02 s)
+METAWORLD_FPS = 80  # lerobot's metaworld env config
+# A failed scripted-expert episode is redrawn with another seed, at most this many times.
+METAWORLD_EXPERT_RETRIES = 5
+METAWORLD_RETRY_SEED_STRIDE = 50_000
 
 PUSHT_WORKSPACE = 512.0
 PUSHT_MAX_STEP_PX = 30.0  # pusher target moves at most this far per step: smooth, pushable motion
@@ -65,6 +76,14 @@ PUSHT_ORBIT_RADIUS = 115.0  # clears the T (its far corners are ~100 px from its
 PUSHT_ORBIT_STEP_RAD = 0.6
 PUSHT_ORBIT_ALIGN_RAD = 0.35  # close enough to straight behind the block to start pushing
 ALOHA_NOISE_RAD = 0.01
+
+
+def _tasks(env: str) -> dict[str, str] | tuple[str, ...]:
+    if env == "metaworld":
+        from craft_core.config import metaworld_tasks
+
+        return metaworld_tasks()
+    return PUSHT_TASKS if env == "pusht" else ALOHA_TASKS
 
 
 def _episode_seed(seed: int, episode_index: int) -> int:
@@ -362,6 +381,74 @@ def _record_aloha(dataset, task: str, *, n_episodes: int, max_steps: int, image_
 
 
 # ---------------------------------------------------------------------------------------------
+# MetaWorld (lerobot's env, rendered small: craft_core.evaluation.metaworld)
+
+
+def _metaworld_features(image_size: int, camera_dtype: str) -> dict:
+    # The names lerobot's env preprocessing gives MetaWorld's observations (features_map of its
+    # metaworld config: pixels/top -> observation.image, agent_pos -> observation.state).
+    return {
+        "observation.image": {"dtype": camera_dtype, "shape": (image_size, image_size, 3),
+                              "names": ["height", "width", "channels"]},
+        "observation.state": {"dtype": "float32", "shape": (4,), "names": {"motors": ["x", "y", "z", "gripper"]}},
+        "action": {"dtype": "float32", "shape": (4,), "names": {"motors": ["dx", "dy", "dz", "grip"]}},
+        "next.reward": {"dtype": "float32", "shape": (1,), "names": None},
+        "next.success": {"dtype": "bool", "shape": (1,), "names": None},
+    }
+
+
+def _metaworld_expert_episode(env, seed: int, max_steps: int) -> tuple[list[dict], bool]:
+    """metaworld's scripted expert for the env's task, once, from ``reset(seed)``: (frames, success).
+
+    Stops at the first success, as lerobot's eval does (its env terminates there).
+    """
+    obs, _ = env.reset(seed=seed)  # lerobot's env calls env.seed(seed) first: the episode is paired
+    frames = []
+    for _ in range(max_steps):
+        action = np.clip(env.expert_policy.get_action(env.last_raw_obs), -1.0, 1.0).astype(np.float32)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        frames.append({
+            "observation.image": obs["pixels"],
+            "observation.state": np.asarray(obs["agent_pos"], dtype=np.float32),
+            "action": action,
+            "next.reward": np.array([reward], dtype=np.float32),
+            "next.success": np.array([bool(info["is_success"])]),
+        })
+        obs = next_obs
+        if info["is_success"] or terminated or truncated:
+            return frames, bool(info["is_success"])
+    return frames, False
+
+
+def _record_metaworld(dataset, task: str, *, n_episodes: int, max_steps: int, image_size: int, seed: int,
+                      first_episode: int = 0) -> None:
+    """Successful scripted-expert episodes of ``task``: a failed one is redrawn with another seed."""
+    from craft_core.evaluation.metaworld import FastMetaworldEnv, task_description
+    from craft_core.evaluation.sim import ensure_headless_rendering
+
+    ensure_headless_rendering("metaworld")
+    env = FastMetaworldEnv(task, image_size=image_size, episode_length=max_steps)
+    instruction = task_description(task)
+    try:
+        for episode in range(first_episode, first_episode + n_episodes):
+            for retry in range(METAWORLD_EXPERT_RETRIES + 1):
+                frames, success = _metaworld_expert_episode(
+                    env, _episode_seed(seed, episode) + METAWORLD_RETRY_SEED_STRIDE * retry, max_steps)
+                if success:
+                    break
+            else:
+                raise RuntimeError(
+                    f"metaworld's scripted expert failed {METAWORLD_EXPERT_RETRIES + 1} times in a row on {task} "
+                    f"(episode {episode}, at most {max_steps} steps); raise assets.max_episode_steps or pick another task"
+                )
+            for frame in frames:
+                dataset.add_frame({**frame, "task": instruction})
+            dataset.save_episode()
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def record_dataset(
@@ -391,7 +478,7 @@ def record_dataset(
 
     if env not in ENVS:
         raise ValueError(f"env={env!r} is not supported; choose one of {ENVS}")
-    tasks = PUSHT_TASKS if env == "pusht" else ALOHA_TASKS
+    tasks = _tasks(env)
     if task not in tasks:
         raise ValueError(f"task={task!r} is not a {env} task; choose one of {sorted(tasks)}")
     if n_episodes < 1:
@@ -407,17 +494,18 @@ def record_dataset(
         shutil.rmtree(root)
 
     camera_dtype = "video" if use_videos else "image"
-    features = (_pusht_features if env == "pusht" else _aloha_features)(image_size, camera_dtype)
-    default_fps = PUSHT_FPS if env == "pusht" else ALOHA_FPS
+    features = {"pusht": _pusht_features, "aloha": _aloha_features, "metaworld": _metaworld_features}[env](
+        image_size, camera_dtype)
+    default_fps = {"pusht": PUSHT_FPS, "aloha": ALOHA_FPS, "metaworld": METAWORLD_FPS}[env]
     dataset = LeRobotDataset.create(
         repo_id,
         fps or default_fps,
         features,
         root=root,
-        robot_type=env,
+        robot_type="sawyer" if env == "metaworld" else env,
         use_videos=use_videos,
     )
-    record = _record_pusht if env == "pusht" else _record_aloha
+    record = {"pusht": _record_pusht, "aloha": _record_aloha, "metaworld": _record_metaworld}[env]
     record(dataset, task, n_episodes=n_episodes, max_steps=max_steps, image_size=image_size, seed=seed,
            first_episode=first_episode)
     dataset.finalize()

@@ -3,10 +3,17 @@
 Everything that touches an environment is lerobot's: ``make_env_config`` builds the env config,
 ``make_env`` the vector envs, ``make_env_pre_post_processors`` the env-side processors and
 ``eval_policy_all`` runs the rollouts, so a number craft reports is the number ``lerobot-eval``
-would report for the same checkpoint, env and seeds.
+would report for the same checkpoint, env and seeds. MetaWorld runs as lerobot's own env rendered
+small and fast (``craft_core.evaluation.metaworld``, env type ``metaworld_fast``).
+
+Every model evaluated with the same entry sees the same episode seeds (``seed + i``), so episodes
+are paired across models. Reported per entry: success rate with its Wilson 95 % interval, and,
+for policies that decode action tokens (pi0_fast), the fraction of decodings that failed (lerobot
+then substitutes an all-zero action chunk: a model that mostly fails to decode is not evaluated).
 """
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 
@@ -19,7 +26,9 @@ ENV_PACKAGES: dict[str, tuple[str, str]] = {
     "pusht": ("gym_pusht", "lerobot[pusht]"),
     "aloha": ("gym_aloha", "lerobot[aloha]"),
     "libero": ("libero", "lerobot[libero]"),
+    "metaworld": ("metaworld", "lerobot[metaworld]"),
 }
+MUJOCO_ENVS = ("aloha", "libero", "metaworld")
 
 
 class SimulatorUnavailableError(RuntimeError):
@@ -45,16 +54,23 @@ def ensure_headless_rendering(env: str) -> None:
     headless GPU node. It must be chosen before dm_control/mujoco is first imported, which is why
     this runs before ``make_env``; an explicit MUJOCO_GL from the user always wins.
     """
-    if env not in ("aloha", "libero"):
+    if env not in MUJOCO_ENVS:
         return
+    # Mesa's software renderer (llvmpipe) draws in the calling thread with LP_NUM_THREADS=0: the
+    # fastest choice on a few CPU cores, where its own threads only compete with the simulation.
+    os.environ.setdefault("LP_NUM_THREADS", "0")
     if "MUJOCO_GL" in os.environ or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
         return
     os.environ["MUJOCO_GL"] = "egl"
     os.environ.setdefault("PYOPENGL_PLATFORM", "egl")
 
 
-def make_env_cfg(sim: SimEvalConfig):
-    """lerobot's env config for one ``eval.sim`` entry (task and episode length applied)."""
+def make_env_cfg(sim: SimEvalConfig, policy_cfg=None):
+    """lerobot's env config for one ``eval.sim`` entry (task and episode length applied).
+
+    MetaWorld's image size defaults to the policy's image feature (``policy_cfg``), so the env
+    renders what the policy was trained on.
+    """
     from lerobot.envs.factory import make_env_config
 
     overrides: dict = {}
@@ -64,7 +80,34 @@ def make_env_cfg(sim: SimEvalConfig):
         # Every env config craft supports has `episode_length`, which lerobot passes on to gym as
         # max_episode_steps (libero uses it to cut its own per-suite horizon).
         overrides["episode_length"] = sim.max_episode_steps
-    return make_env_config(sim.env, **overrides)
+    env_type = sim.env
+    if sim.env == "metaworld":
+        ensure_headless_rendering("metaworld")
+        from craft_core.evaluation import metaworld  # registers env type metaworld_fast
+
+        env_type = metaworld.ENV_TYPE
+        overrides["image_size"] = sim.image_size or _policy_image_size(policy_cfg) or 64
+        overrides["fast_render"] = sim.fast_render
+    return make_env_config(env_type, **overrides)
+
+
+def _policy_image_size(policy_cfg) -> int | None:
+    if policy_cfg is None:
+        return None
+    for feature in policy_cfg.image_features.values():
+        return int(feature.shape[-1])  # (C, H, W): square MetaWorld renders
+    return None
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95 % interval of a success rate (well-behaved at 0/n and n/n, unlike the normal one)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def sim_key(sim: SimEvalConfig, env_cfg) -> str:
@@ -126,11 +169,14 @@ def simulate(
     from lerobot.scripts.lerobot_eval import eval_policy_all
     from lerobot.utils.random_utils import set_seed
 
+    from craft_core.policies import get_adapter
+
     check_simulator_installed(sim.env)
     ensure_headless_rendering(sim.env)
-    env_cfg = make_env_cfg(sim)
+    env_cfg = make_env_cfg(sim, policy.config)
     env_preprocessor, env_postprocessor = make_env_pre_post_processors(env_cfg=env_cfg, policy_cfg=policy.config)
     check_policy_fits_env(policy.config, env_cfg, env_preprocessor, checkpoint)
+    decoding = get_adapter(policy).action_decoding_monitor()
 
     envs = make_env(env_cfg, n_envs=sim.batch_size, use_async_envs=False)
     # The same seed before every run: runs differ by their weights, not by their sampling noise.
@@ -138,7 +184,7 @@ def simulate(
     n_videos = sim.n_videos if videos_dir is not None else 0
     videos_dir = videos_dir if n_videos > 0 else None  # lerobot creates the folder whenever one is given
     try:
-        with torch.no_grad():
+        with torch.no_grad(), decoding:
             info = eval_policy_all(
                 envs=envs,
                 policy=policy,
@@ -183,14 +229,22 @@ def simulate(
                 }
             )
     overall = info["overall"]
+    successes = sum(e["success"] for e in episodes)
+    low, high = wilson_interval(successes, len(episodes))
     return {
         "env": sim.env,
         "task": env_cfg.task,
         "episode_length": getattr(env_cfg, "episode_length", None),
+        "image_size": getattr(env_cfg, "image_size", None),
         "n_episodes": len(episodes),
         "batch_size": sim.batch_size,
         "seed": sim.seed,
-        "success_rate": sum(e["success"] for e in episodes) / len(episodes),
+        "successes": successes,
+        "success_rate": successes / len(episodes),
+        "success_ci95": [low, high],
+        "action_decodings": decoding.decoded,
+        "action_decode_failures": decoding.failed,
+        "action_decode_failure_rate": decoding.failure_rate,
         "avg_sum_reward": float(overall["avg_sum_reward"]),
         "avg_max_reward": float(overall["avg_max_reward"]),
         "eval_s": float(overall["eval_s"]),

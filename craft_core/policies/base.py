@@ -38,6 +38,26 @@ class PrefixHiddenStates:
     text_mask: Tensor  # [B, T] bool: positions holding valid (non-padding) language tokens
 
 
+class ActionDecodingMonitor:
+    """Counts action decodings during a rollout (``with monitor: ...``); policies whose actions are
+    not decoded from tokens count nothing (``decoded`` stays None)."""
+
+    decoded: int | None = None
+    failed: int | None = None
+
+    def __enter__(self) -> "ActionDecodingMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @property
+    def failure_rate(self) -> float | None:
+        if not self.decoded:
+            return None
+        return self.failed / self.decoded
+
+
 @dataclass(frozen=True)
 class TargetRequest:
     """Which retention targets to compute on a batch of anchors, and how.
@@ -116,6 +136,10 @@ class PolicyAdapter(ABC):
     @property
     def device(self) -> torch.device:
         return next(self.policy.parameters()).device
+
+    def action_decoding_monitor(self) -> ActionDecodingMonitor:
+        """A monitor of failed action decodings during a rollout (policies that decode tokens override it)."""
+        return ActionDecodingMonitor()
 
     def check_targets(self, targets: Sequence[str]) -> None:
         unknown = [t for t in targets if t not in self.retention_targets]

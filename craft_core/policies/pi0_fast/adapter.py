@@ -30,13 +30,14 @@ as ``PI0FastPytorch.forward`` runs it (4-D mask from ``prepare_attention_masks_4
 ``cumsum(pad) - 1``).
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from craft_core.policies.base import ArraySpec, PrefixHiddenStates, TargetRequest
+from craft_core.policies.base import ActionDecodingMonitor, ArraySpec, PrefixHiddenStates, TargetRequest
 from craft_core.policies.camera_prompt import PaliGemmaCameraPromptAdapter
 
 
@@ -49,9 +50,49 @@ class _FastPass:
     logits: Tensor | None  # [B, T, V]: row i is the distribution of probe token i (row 0 unused)
 
 
+class FastDecodingMonitor(ActionDecodingMonitor, logging.Filter):
+    """Counts the FAST sequences pi0_fast decodes into actions and those it fails to decode.
+
+    lerobot's ``decode_actions_with_fast`` catches a failed decoding, logs "Error decoding tokens"
+    (then the tokens) on the root logger and substitutes an all-zero action chunk. Inside the
+    monitor every sequence passed to the policy's ``detokenize_actions`` is counted and those log
+    records are counted and dropped (the report carries the rate instead of a page of tensors).
+    """
+
+    def __init__(self, policy):
+        logging.Filter.__init__(self)
+        self.policy = policy
+        self.decoded, self.failed = 0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("Error decoding tokens"):
+            self.failed += 1
+            return False
+        return not message.startswith("Tokens: ")
+
+    def __enter__(self) -> "FastDecodingMonitor":
+        original = type(self.policy).detokenize_actions
+
+        def counted(tokens, action_horizon, action_dim):
+            self.decoded += 1 if tokens.dim() == 1 else int(tokens.shape[0])
+            return original(self.policy, tokens, action_horizon, action_dim)
+
+        self.policy.detokenize_actions = counted  # instance attribute: this policy only, removed on exit
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeFilter(self)
+        self.policy.__dict__.pop("detokenize_actions", None)
+
+
 class Pi0FastAdapter(PaliGemmaCameraPromptAdapter):
     policy_type = "pi0_fast"
     retention_targets = ("prefix", "action_output")
+
+    def action_decoding_monitor(self) -> FastDecodingMonitor:
+        return FastDecodingMonitor(self.policy)
 
     # -- one pass over the prefix and (optionally) probe tokens ----------------------------------
     def _forward(self, inputs: dict[str, Tensor], layers: Sequence[int], probe: tuple[Tensor, Tensor] | None) -> _FastPass:
