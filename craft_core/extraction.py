@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from craft_core.config import CacheConfig, DatasetSource, semantic
+from craft_core.config import CacheConfig, DatasetSource, DriftSetConfig, semantic
 from craft_core.devices import resolve_device
 from craft_core.store import (
     AnchorStoreWriter,
@@ -349,9 +349,22 @@ def extract_anchors(
     return finalize_store(store_url)
 
 
-def cache_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSource | None, upstream: dict[str, dict],
-                out_dir: Path, progress: Progress | None = None) -> dict:
-    """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr``; returns its StoreInfo."""
+DRIFT_STORES_DIR = "drift_sets"
+
+
+def cache_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSource | None,
+                drift_sets: list[DriftSetConfig], upstream: dict[str, dict], out_dir: Path,
+                progress: Progress | None = None) -> dict:
+    """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr``, plus one evaluation-only
+    store per ``eval.drift_sets`` entry (``<out_dir>/drift_sets/<name>.zarr``: the same teacher, targets,
+    layers and statistics on other frames, e.g. held-out episodes); returns the StoreInfo."""
     url = str(Path(out_dir) / STORE_NAME)
     info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset)
-    return {**info, "store_url": url}
+    drift_stores = {}
+    for drift_set in drift_sets:
+        drift_url = str(Path(out_dir) / DRIFT_STORES_DIR / f"{drift_set.name}.zarr")
+        extract_anchors(cfg.model_copy(update={"dataset": drift_set.dataset, "n_anchors": drift_set.n_anchors,
+                                               "heldout_fraction": 0.0, "prompts": None, "frame_stride": 1}),
+                        drift_url, normalization=normalization, task_dataset=task_dataset)
+        drift_stores[drift_set.name] = drift_url
+    return {**info, "store_url": url, "drift_stores": drift_stores}

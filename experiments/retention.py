@@ -74,7 +74,7 @@ def run_one(config_json: str, policy: str, seed: int, threads: int) -> dict:
     pipeline = cfg.pipeline_for(policy, seed)
     started = time.time()
     refs = run_pipeline(pipeline, log=lambda message: print(f"[{policy} seed {seed}] {message}", flush=True))
-    report = json.loads(Path(refs["eval"].result["report_json"]).read_text())
+    report = json.loads(Path(refs["report"].result["report_json"]).read_text())
 
     rows = [{"policy": policy, "run": run, "seed": seed, **report_metrics(report, run)} for run in report["runs"]]
     train_logs = {
@@ -90,7 +90,7 @@ def run_one(config_json: str, policy: str, seed: int, threads: int) -> dict:
     return {
         "policy": policy, "seed": seed, "rows": rows, "curves": report.get("curves", {}), "train_logs": train_logs,
         "episodes": episode_successes(report), "stage_costs": costs, "wall_s": time.time() - started,
-        "report": refs["eval"].result["report_md"],
+        "report": refs["report"].result["report_md"],
         "eps_end": pipeline.train.retention.eps_end if pipeline.train.retention else None,
         "heldout": {"drift_sets": report.get("drift_sets", {}), "action_loss_frames": report.get("action_loss_frames", {}),
                     "heldout_anchors": next((d["n_anchors"] for d in report["drift"].values() if d), None)},

@@ -64,8 +64,8 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
         "artifacts_root": next(iter(plans.values())).artifacts_root,
         "stages": {stage: {"fingerprint": ref.fingerprint, "path": ref.path} for stage, ref in refs.items()},
     }
-    if "eval" in refs:
-        summary["report"] = refs["eval"].result["report_md"]
+    if "report" in refs:
+        summary["report"] = refs["report"].result["report_md"]
         print(f"craft report: {summary['report']}")
     return summary
 

@@ -27,7 +27,7 @@ def run_stage_task(plan: StagePlan, upstream: dict[str, StageRef], assets: str |
         progress(total, total, metrics)
     if not executed:
         logger.info("stage %s: complete output found at %s, not re-running", plan.stage, plan.path)
-    PUBLISHERS[plan.section](plan, ref, executed)
+    PUBLISHERS[plan.kind](plan, ref, executed)
     return ref
 
 
@@ -50,6 +50,11 @@ def _publish_train(plan: StagePlan, ref: StageRef, executed: bool) -> None:
 
 
 def _publish_eval(plan: StagePlan, ref: StageRef, executed: bool) -> None:
+    scalars = {k: v for k, v in ref.result.items() if k not in ("evaluation",)}
+    publish_summary(plan, ref.model_copy(update={"result": scalars}), executed)
+
+
+def _publish_report(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     report = json.loads(Path(ref.result["report_json"]).read_text())
     create_table_artifact(eval_rows(report), key=artifact_key("craft", "eval", "results"),
                           description="Simulation and drift results per run")
@@ -60,7 +65,8 @@ def _publish_eval(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     publish_summary(plan, ref, executed, extra=f"report: `{ref.result['report_md']}`")
 
 
-PUBLISHERS = {"assets": _publish_assets, "cache": _publish_cache, "train": _publish_train, "eval": _publish_eval}
+PUBLISHERS = {"assets": _publish_assets, "cache": _publish_cache, "train": _publish_train, "eval": _publish_eval,
+              "report": _publish_report}
 
 
 def eval_rows(report: dict) -> list[dict]:

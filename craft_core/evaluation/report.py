@@ -18,6 +18,11 @@ def comparison_rows(report: dict) -> list[dict]:
         row: dict = {"run": run}
         for key, result in report.get("sim", {}).get(run, {}).items():
             row[f"{key} success %"] = 100.0 * result["success_rate"]
+            if result.get("success_ci95"):
+                low, high = result["success_ci95"]
+                row[f"{key} success 95% CI"] = f"{100 * low:.0f}–{100 * high:.0f}"
+            if result.get("action_decode_failure_rate") is not None:
+                row[f"{key} decode failures %"] = 100.0 * result["action_decode_failure_rate"]
             row[f"{key} avg sum reward"] = result["avg_sum_reward"]
             row[f"{key} avg max reward"] = result["avg_max_reward"]
         drift = report.get("drift", {}).get(run)
@@ -39,6 +44,26 @@ def _drift_targets(report: dict) -> list[str]:
     """The non-prefix targets drift was measured for (the prefix is the mse/cosine columns)."""
     return list(dict.fromkeys(t for d in report.get("drift", {}).values() if d for t in d.get("targets", {})
                               if t != "prefix"))
+
+
+# Above this share of failed action decodings a rollout measures lerobot's zero-action fallback,
+# not the policy.
+DECODE_FAILURE_WARNING = 0.5
+
+
+def decoding_warnings(report: dict) -> list[str]:
+    """One line per (run, sim) whose token-decoding policy mostly failed to decode an action."""
+    lines = []
+    for run, per_env in report.get("sim", {}).items():
+        for key, result in per_env.items():
+            rate = result.get("action_decode_failure_rate")
+            if rate is not None and rate > DECODE_FAILURE_WARNING:
+                lines.append(
+                    f"- **{run} on {key} was not really evaluated**: {100 * rate:.0f} % of its "
+                    f"{result['action_decodings']} action decodings failed, and lerobot replaces an undecodable "
+                    "action chunk with zeros, so this success rate measures zero actions, not the policy."
+                )
+    return lines
 
 
 def _fmt(value) -> str:
@@ -66,6 +91,12 @@ def render_markdown(report: dict) -> str:
     lines = ["# craft evaluation report", ""]
     lines += [f"Created {report['created']}; craft {report['craft_version']}.", ""]
     lines += ["## Comparison", ""] + _table(comparison_rows(report)) + [""]
+    if report.get("sim"):
+        lines += ["Success: share of episodes solved, with its Wilson 95 % interval; every model is rolled out "
+                  "on the same episode seeds (paired) through its own saved pre/post-processors.", ""]
+    warnings = decoding_warnings(report)
+    if warnings:
+        lines += ["## Action decoding", ""] + warnings + [""]
 
     lines += ["## Runs", ""]
     lines += _table(
@@ -80,7 +111,8 @@ def render_markdown(report: dict) -> str:
                 f"## Simulation: {run} on {key}",
                 "",
                 f"{result['n_episodes']} episodes of at most {result['episode_length']} steps, "
-                f"seeds from {result['seed']}; {result['s_per_episode']:.2f} s per episode.",
+                f"seeds from {result['seed']}; {result['s_per_episode']:.2f} s per episode. "
+                + _success_sentence(result),
                 "",
             ]
             lines += _table([{k: v for k, v in ep.items()} for ep in result["episodes"]])
@@ -111,7 +143,18 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
+def _success_sentence(result: dict) -> str:
+    text = f"Success {result.get('successes', '?')}/{result['n_episodes']}"
+    if result.get("success_ci95"):
+        low, high = result["success_ci95"]
+        text += f" (95 % CI {100 * low:.0f}–{100 * high:.0f} %)"
+    if result.get("action_decodings"):
+        text += (f"; {result['action_decode_failures']} of {result['action_decodings']} action decodings failed "
+                 "(replaced by zeros by lerobot)")
+    return text + "."
+
+
+def json_safe(value):
     """NaN/inf are not JSON: write them as null (lerobot reports nan for empty aggregates)."""
     if isinstance(value, np.generic):
         value = value.item()
@@ -120,16 +163,16 @@ def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_report(report: dict, out_dir: Path) -> dict:
     """Write report.json (strict JSON) and report.md; returns the JSON-safe report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    safe = _json_safe(report)
+    safe = json_safe(report)
     (out_dir / "report.json").write_text(json.dumps(safe, indent=2, allow_nan=False) + "\n")
     (out_dir / "report.md").write_text(render_markdown(safe))
     return safe

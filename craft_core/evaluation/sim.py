@@ -110,11 +110,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tup
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def sim_key(sim: SimEvalConfig, env_cfg) -> str:
+def sim_key(sim: SimEvalConfig, env_cfg=None) -> str:
     """Name of one sim entry in the report: its ``name``, else ``pusht`` or ``aloha/AlohaTransferCube-v0``."""
     if sim.name:
         return sim.name
-    return sim.env if sim.task is None else f"{sim.env}/{env_cfg.task}"
+    return sim.env if sim.task is None else f"{sim.env}/{sim.task}"
 
 
 def check_policy_fits_env(policy_cfg, env_cfg, env_preprocessor, checkpoint: str) -> None:

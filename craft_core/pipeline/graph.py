@@ -20,37 +20,42 @@ version is the import closure of the module that defines it.
 """
 
 import hashlib
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from craft_core.config import (
     AssetsConfig,
     CacheConfig,
     DatasetSource,
+    DriftSetConfig,
     EvalConfig,
     PipelineConfig,
     PolicySource,
     TrainConfig,
 )
 from craft_core.demo.assets import assets_stage
-from craft_core.evaluation import eval_stage
+from craft_core.evaluation import eval_run_stage, report_stage
 from craft_core.extraction import cache_stage
 from craft_core.pipeline.fingerprint import StageDir, code_version, stage_fingerprint
 from craft_core.train import train_stage
 
 ASSETS_PLACEHOLDER = "${assets}"
 
-# Config section (what `stages` selects) -> the library function that runs it.
+# Kind of stage -> the library function that runs it, and the config section it belongs to (what
+# `stages` selects).
 STAGE_FUNCTIONS: dict[str, Callable[..., dict]] = {
     "assets": assets_stage,
     "cache": cache_stage,
     "train": train_stage,
-    "eval": eval_stage,
+    "eval": eval_run_stage,
+    "report": report_stage,
 }
-GPU_SECTIONS = frozenset({"cache", "train", "eval"})
+SECTION_OF_KIND = {"assets": "assets", "cache": "cache", "train": "train", "eval": "eval", "report": "eval"}
+GPU_KINDS = frozenset({"cache", "train", "eval"})
 
 # Keyword arguments of the stage functions -> their config model, to rebuild them from JSON.
 SLICE_MODELS: dict[str, type[BaseModel]] = {
@@ -61,13 +66,15 @@ SLICE_MODELS: dict[str, type[BaseModel]] = {
     "teacher": PolicySource,
     "task_dataset": DatasetSource,
     "anchor_dataset": DatasetSource,
+    "drift_sets": TypeAdapter(list[DriftSetConfig]),
 }
 
 
 class StagePlan(BaseModel):
     """One stage of a pipeline run: what identifies it, where its output goes, what it consumes."""
 
-    stage: str  # unique name: assets, cache, train_<run>, eval
+    stage: str  # unique name: assets, cache, train_<run>, eval_<policy>, report
+    kind: str  # which stage function runs it (STAGE_FUNCTIONS)
     section: str  # the config section it belongs to (what `stages` selects)
     fingerprint: str
     code_version: str
@@ -85,11 +92,11 @@ class StagePlan(BaseModel):
 
     @property
     def gpu(self) -> bool:
-        return self.section in GPU_SECTIONS
+        return self.kind in GPU_KINDS
 
     @property
     def function(self) -> Callable[..., dict]:
-        return STAGE_FUNCTIONS[self.section]
+        return STAGE_FUNCTIONS[self.kind]
 
     def stage_dir(self) -> StageDir:
         return StageDir(self.artifacts_root, self.stage, self.fingerprint)
@@ -99,8 +106,9 @@ class StagePlan(BaseModel):
         section as ``cfg``, the rest of its slice under their names."""
         resolved = {}
         for key, value in self.config.items():
+            value = _resolve_json(value, assets_dir)
             if key in SLICE_MODELS and value is not None:
-                value = resolve_assets(SLICE_MODELS[key].model_validate(value), assets_dir)
+                value = _validate(SLICE_MODELS[key], value)
             resolved["cfg" if key == self.section else key] = value
         return resolved
 
@@ -115,33 +123,44 @@ class StageRef(BaseModel):
 
 
 def stage_slices(cfg: PipelineConfig) -> list[tuple[str, str, dict[str, Any], list[str]]]:
-    """(stage, section, config slice, consumed stages) of every stage of ``cfg``, in execution order.
+    """(stage, kind, config slice, consumed stages) of every stage of ``cfg``, in execution order.
 
-    A stage whose slice mentions ``${assets}`` consumes the assets stage.
+    A stage whose slice mentions ``${assets}`` consumes the assets stage. Every evaluated policy
+    (the teacher, each run, each reference run) is its own ``eval_<policy>`` stage, so a policy is
+    evaluated again only when it or the evaluation changed (the teacher once, whatever the runs).
     """
     stages: list[tuple[str, str, dict[str, Any], list[str]]] = []
 
-    def add(stage: str, section: str, config: dict[str, Any], consumes: list[str]) -> None:
+    def add(stage: str, kind: str, config: dict[str, Any], consumes: list[str]) -> None:
         if cfg.assets is not None and stage != "assets" and _uses_assets(config):
             consumes = ["assets", *consumes]
-        stages.append((stage, section, config, consumes))
+        stages.append((stage, kind, config, consumes))
 
     if cfg.assets is not None:
         add("assets", "assets", {"assets": cfg.assets}, [])
     # The anchors are normalised with the statistics the fine-tuned students are saved with.
     normalization = cfg.train.normalization
-    uses_task_stats = normalization == "union"
+    union = normalization == "union"
     add("cache", "cache", {"cache": cfg.cache, "normalization": normalization,
-                           "task_dataset": cfg.train.dataset if uses_task_stats else None}, [])
+                           "task_dataset": cfg.train.dataset if union else None, "drift_sets": cfg.eval.drift_sets}, [])
     teacher = cfg.cache.teacher
-    trains = []
     for run in cfg.runs:
         train = cfg.run_train_config(run)
         add(f"train_{run}", "train",
-            {"train": train, "teacher": teacher, "anchor_dataset": cfg.cache.dataset if normalization == "union" else None},
+            {"train": train, "teacher": teacher, "anchor_dataset": cfg.cache.dataset if union else None},
             ["cache"] if train.retention is not None else [])
-        trains.append(f"train_{run}")
-    add("eval", "eval", {"eval": cfg.eval, "teacher": teacher, "runs": list(cfg.runs)}, ["cache", *trains])
+    evaluation = cfg.eval.model_copy(update={"reference_runs": {}})  # each policy's stage names its own
+    evaluated = ["teacher", *cfg.runs, *cfg.eval.reference_runs]
+    for policy in evaluated:
+        config = {"eval": evaluation, "teacher": teacher, "policy": policy}
+        consumes = ["cache"]
+        if policy in cfg.runs:
+            consumes.append(f"train_{policy}")
+        elif policy in cfg.eval.reference_runs:
+            config["reference"] = cfg.eval.reference_runs[policy]
+        add(f"eval_{policy}", "eval", config, consumes)
+    add("report", "report", {"eval": evaluation, "teacher": teacher, "runs": list(cfg.runs), "evaluated": evaluated},
+        ["cache", *(f"train_{run}" for run in cfg.runs), *(f"eval_{policy}" for policy in evaluated)])
     return stages
 
 
@@ -156,15 +175,14 @@ def plan_pipeline(cfg: PipelineConfig) -> dict[str, StagePlan]:
     """Fingerprints and directories of every stage of ``cfg``, in execution order."""
     root = str(Path(cfg.artifacts_root).expanduser().resolve())
     plans: dict[str, StagePlan] = {}
-    for stage, section, config, consumes in stage_slices(cfg):
-        config_json = {key: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
-                       for key, value in config.items()}
-        code = code_version(STAGE_FUNCTIONS[section].__module__)
+    for stage, kind, config, consumes in stage_slices(cfg):
+        config_json = {key: _to_json(value) for key, value in config.items()}
+        code = code_version(STAGE_FUNCTIONS[kind].__module__)
         upstream = {name: plans[name].fingerprint for name in consumes}
         fingerprint = stage_fingerprint(stage, config_json, upstream, code)
         plans[stage] = StagePlan(
-            stage=stage, section=section, fingerprint=fingerprint, code_version=code, upstream=upstream,
-            artifacts_root=root, path=str(Path(root) / stage / fingerprint), config=config_json,
+            stage=stage, kind=kind, section=SECTION_OF_KIND[kind], fingerprint=fingerprint, code_version=code,
+            upstream=upstream, artifacts_root=root, path=str(Path(root) / stage / fingerprint), config=config_json,
         )
     return plans
 
@@ -177,3 +195,25 @@ def resolve_assets(section, assets_dir: str | None):
         raise ValueError(f"{type(section).__name__} uses {ASSETS_PLACEHOLDER} but the pipeline has no 'assets' section")
     text = section.model_dump_json().replace(ASSETS_PLACEHOLDER, assets_dir)
     return type(section).model_validate_json(text)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_to_json(item) for item in value]
+    return value
+
+
+def _resolve_json(value: Any, assets_dir: str | None) -> Any:
+    """JSON config data with ``${assets}`` replaced by the assets stage's directory."""
+    text = json.dumps(value)
+    if ASSETS_PLACEHOLDER not in text:
+        return value
+    if assets_dir is None:
+        raise ValueError(f"a config value uses {ASSETS_PLACEHOLDER} but the pipeline has no 'assets' section")
+    return json.loads(text.replace(ASSETS_PLACEHOLDER, assets_dir))
+
+
+def _validate(model, value: Any):
+    return model.validate_python(value) if isinstance(model, TypeAdapter) else model.model_validate(value)

@@ -210,3 +210,21 @@ def test_report_files_are_strict_json_and_markdown(tmp_path):
     assert "| teacher | 50 | 3 | – | 0 | 0 | – |" in markdown
     assert "| craft | 100 | 3 | – | 0.2 | 0.1 | 1.5 |" in markdown
     assert "`abc123`" in markdown
+
+
+def test_report_shows_success_intervals_and_warns_when_decoding_mostly_failed(tmp_path):
+    def sim(rate, failure_rate):
+        return {"success_rate": rate, "success_ci95": [0.3, 0.9], "successes": 1, "n_episodes": 2,
+                "episode_length": 10, "seed": 1000, "s_per_episode": 0.5, "avg_sum_reward": 1.0,
+                "avg_max_reward": 1.0, "episodes": [], "videos": [], "action_decodings": 20,
+                "action_decode_failures": int(20 * failure_rate), "action_decode_failure_rate": failure_rate}
+
+    report = _report(sim={"teacher": {"task_a": sim(0.5, 0.05)}, "craft": {"task_a": sim(0.5, 0.9)}})
+    rows = {row["run"]: row for row in comparison_rows(report)}
+    assert rows["teacher"]["task_a success 95% CI"] == "30–90"
+    assert rows["craft"]["task_a decode failures %"] == 90.0
+    write_report(report, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    warnings = markdown.split("## Action decoding")[1].split("##")[0]
+    assert "craft on task_a was not really evaluated" in warnings and "teacher" not in warnings
+    assert "18 of 20 action decodings failed" in markdown

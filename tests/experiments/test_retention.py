@@ -86,8 +86,7 @@ def test_heldout_episodes_are_never_trained_on_or_anchored(smoke_results):
     cache = next(path for path in stages if "/cache/" in path)
     anchored = set(open_anchor_store(Path(cache) / "anchors.zarr").provenance()["episode_index"].tolist())
     assert anchored and anchored.isdisjoint(heldout)
-    eval_dir = next(path for path in stages if "/eval/" in path)
-    drift_set = open_anchor_store(Path(eval_dir) / "drift_sets" / "episodes.zarr")
+    drift_set = open_anchor_store(Path(cache) / "drift_sets" / "episodes.zarr")
     assert set(drift_set.provenance()["episode_index"].tolist()) <= heldout
     (seed_result,) = results["per_seed"]
     assert seed_result["heldout"]["drift_sets"] == {"episodes": 4}

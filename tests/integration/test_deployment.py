@@ -14,7 +14,8 @@ from craft_core.config import load_preset
 from craft_core.pipeline.fingerprint import StageDir
 from deployments.local_stack import LocalPrefect
 
-STAGE_UNITS = {"assets", "cache", "train_baseline", "train_craft", "eval"}
+STAGE_UNITS = {"assets", "cache", "train_baseline", "train_craft", "eval_teacher", "eval_baseline", "eval_craft",
+               "report"}
 
 
 @pytest.mark.integration

@@ -135,7 +135,7 @@ def test_pusht_teacher_vs_finetuned_report(pusht_runs, tmp_path):
     assert rows["teacher"]["pusht success %"] == 100 * report["sim"]["teacher"]["pusht"]["success_rate"]
 
     markdown = (tmp_path / "report.md").read_text()
-    assert "| run | pusht success % |" in markdown
+    assert "| run | pusht success % | pusht success 95% CI |" in markdown
     assert "c0ffee" in markdown and "beef42" in markdown
     comparison = markdown.split("## Comparison")[1].split("##")[0]
     assert [line.split("|")[1].strip() for line in comparison.strip().splitlines()[2:]] == ["teacher", "finetuned"]

@@ -5,7 +5,8 @@ import pytest
 from craft_core.config import load_preset
 from craft_core.pipeline import plan_pipeline, resolve_assets
 
-UNITS = ["assets", "cache", "train_baseline", "train_craft", "eval"]
+UNITS = ["assets", "cache", "train_baseline", "train_craft", "eval_teacher", "eval_baseline", "eval_craft", "report"]
+EVALS = {"eval_teacher", "eval_baseline", "eval_craft", "report"}
 
 
 def _fingerprints(*overrides):
@@ -26,7 +27,9 @@ def test_plan_order_dirs_and_keys(tmp_path):
     assert plans["train_craft"].upstream == {"cache": plans["cache"].fingerprint, "assets": plans["assets"].fingerprint}
     assert plans["train_baseline"].upstream == {"assets": plans["assets"].fingerprint}  # no anchor cache
     # eval's slice names the teacher, which lives in the assets: a stage mentioning ${assets} consumes them.
-    assert set(plans["eval"].upstream) == {"assets", "cache", "train_craft", "train_baseline"}
+    assert set(plans["eval_teacher"].upstream) == {"assets", "cache"}
+    assert set(plans["eval_craft"].upstream) == {"assets", "cache", "train_craft"}
+    assert set(plans["report"].upstream) == {"assets", "cache", "train_craft", "train_baseline", *EVALS - {"report"}}
 
 
 def test_same_config_same_plan_and_other_root_other_cache_key(tmp_path):
@@ -41,13 +44,13 @@ def test_same_config_same_plan_and_other_root_other_cache_key(tmp_path):
     "override, expected",
     [
         # tuning CRaFT re-runs CRaFT and eval, never the baseline or the cache
-        ("train.retention.every_k=3", {"train_craft", "eval"}),
-        ("train.retention.eps_end=0.001", {"train_craft", "eval"}),
-        # a training change re-runs both training runs
-        ("train.steps=5", {"train_baseline", "train_craft", "eval"}),
-        # a cache change re-runs everything that reads the store, but not the baseline
-        ("cache.n_anchors=6", {"cache", "train_craft", "eval"}),
-        ("eval.drift_batch_size=4", {"eval"}),
+        ("train.retention.every_k=3", {"train_craft", "eval_craft", "report"}),
+        ("train.retention.eps_end=0.001", {"train_craft", "eval_craft", "report"}),
+        # a training change re-runs both training runs and their evaluations, not the teacher's
+        ("train.steps=5", {"train_baseline", "train_craft", "eval_baseline", "eval_craft", "report"}),
+        # a cache change re-runs everything that reads the store, but not the baseline's training
+        ("cache.n_anchors=6", {"cache", "train_craft"} | EVALS),
+        ("eval.drift_batch_size=4", EVALS),
         # the assets feed everything
         ("assets.seed=3", set(UNITS)),
         # non-semantic settings re-run nothing
@@ -62,7 +65,7 @@ def test_a_change_reruns_exactly_the_stages_that_depend_on_it(override, expected
 
 def test_without_baseline_there_is_no_baseline_unit():
     plans = plan_pipeline(load_preset("smoke", ["runs={craft: {}}"]))
-    assert "train_baseline" not in plans and "train_baseline" not in plans["eval"].upstream
+    assert "train_baseline" not in plans and "train_baseline" not in plans["report"].upstream
 
 
 def test_every_run_is_its_own_stage_and_baselines_skip_the_cache():
