@@ -138,7 +138,7 @@ def test_pusht_teacher_vs_finetuned_report(pusht_runs, tmp_path):
     assert "| run | pusht success % | pusht success 95% CI |" in markdown
     assert "c0ffee" in markdown and "beef42" in markdown
     comparison = markdown.split("## Comparison")[1].split("##")[0]
-    assert [line.split("|")[1].strip() for line in comparison.strip().splitlines()[2:]] == ["teacher", "finetuned"]
+    assert [line.split("|")[1].strip() for line in [row for row in comparison.strip().splitlines() if row.startswith("|")][2:]] == ["teacher", "finetuned"]
 
 
 @pytest.fixture(scope="module")
