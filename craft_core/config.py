@@ -120,6 +120,12 @@ class AssetsConfig(StrictModel):
     )
     teacher_pretrain_batch_size: int = Field(default=8, ge=1)
     teacher_pretrain_lr: float | None = Field(default=None, gt=0.0, description="None = the policy preset's")
+    teacher_stats: Literal["task_a", "both_tasks"] = Field(
+        default="task_a",
+        description="Normalisation statistics the teacher is built and pretrained with: task_a = its own "
+        "training data's; both_tasks = aggregated over the task A and task B recordings (lerobot's "
+        "aggregate_stats), like a generalist whose statistics already cover the robot's whole workspace",
+    )
     device: str = Field(default="auto", description="Device of the teacher pretraining")
     seed: int = 0
 

@@ -6,7 +6,9 @@ fine-tune on (task B), and anchors taken from task A. Without the hub, all three
     datasets/task_a, datasets/task_b   scripted gym recordings (craft_core.demo.sim_datasets): the
                                        training episodes, then the held-out ones (never trained on
                                        or anchored: configs select episodes by index)
-    teacher_init/                      tiny real policy for the datasets' features (craft_core.demo.tiny)
+    teacher_init/                      tiny real policy for the datasets' features (craft_core.demo.tiny),
+                                       normalised with task A's statistics or, with teacher_stats
+                                       both_tasks, lerobot's aggregate of both recordings' statistics
     teacher_pretrain/                  the ordinary training loop on task A, retention off
     teacher/                           the teacher the pipeline uses (pretrained, or the init copy)
 
@@ -15,6 +17,7 @@ its seed, and pretraining resumes from its last checkpoint, so the assets stage 
 after a crash in the same (incomplete) directory.
 """
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -83,7 +86,14 @@ def build_demo_assets(cfg: AssetsConfig, out_dir: str | Path, progress: Progress
 
     teacher_init = out_dir / "teacher_init"
     shutil.rmtree(teacher_init, ignore_errors=True)
-    build_tiny_policy(cfg.policy_type, teacher_init, ds_meta=metas["task_a"], seed=cfg.seed)
+    teacher_meta = metas["task_a"]
+    if cfg.teacher_stats == "both_tasks":
+        from lerobot.datasets.compute_stats import aggregate_stats
+
+        # The same aggregate train.normalization=union computes, so teacher and union coincide.
+        teacher_meta = copy.copy(teacher_meta)
+        teacher_meta.stats = aggregate_stats([metas["task_a"].stats, metas["task_b"].stats])
+    build_tiny_policy(cfg.policy_type, teacher_init, ds_meta=teacher_meta, seed=cfg.seed)
     done += 1
     report({"built": cfg.policy_type})
 

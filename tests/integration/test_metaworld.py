@@ -80,3 +80,31 @@ def test_wilson_interval():
     low, high = wilson_interval(10, 20)
     assert low == pytest.approx(1 - high) and low < 0.5 < high
     assert wilson_interval(20, 20)[1] == 1.0
+
+
+def test_assets_teacher_with_both_tasks_statistics_is_what_union_normalisation_gives(tmp_path):
+    """assets.teacher_stats=both_tasks builds the teacher on lerobot's aggregate of both recordings'
+    statistics: the same statistics train.normalization=union computes for a student, so the teacher
+    already serves task B's state/action ranges (task B's gripper action is constant 1, task A's 0:
+    under task A's statistics alone it would normalise to ~1e8)."""
+    from lerobot.processor import PolicyProcessorPipeline
+    from lerobot.processor.normalize_processor import NormalizerProcessorStep
+
+    from craft_core.config import AssetsConfig, DatasetSource
+    from craft_core.demo.assets import build_demo_assets
+    from craft_core.normalization import fine_tuning_stats
+
+    cfg = AssetsConfig(policy_type="smolvla", env="metaworld", task_a=TASK, task_b="button-press-topdown-v3",
+                       episodes_per_task=2, max_episode_steps=120, image_size=32, teacher_stats="both_tasks",
+                       device="cpu")
+    result = build_demo_assets(cfg, tmp_path / "assets")
+    pre = PolicyProcessorPipeline.from_pretrained(result["teacher"], config_filename="policy_preprocessor.json")
+    (normalizer,) = [step for step in pre.steps if isinstance(step, NormalizerProcessorStep)]
+    sources = {key: DatasetSource(repo_id=d["repo_id"], root=d["root"]) for key, d in result["datasets"].items()}
+    union = fine_tuning_stats("union", task_dataset=sources["task_b"], anchor_dataset=sources["task_a"])
+    for feature in ("observation.state", "action"):
+        for stat in ("mean", "std"):
+            np.testing.assert_allclose(np.asarray(normalizer.stats[feature][stat]), np.asarray(union[feature][stat]),
+                                       rtol=1e-6, err_msg=f"{feature} {stat}")
+    gripper = np.asarray(union["action"]["mean"])[-1]
+    assert 0.0 < gripper < 1.0  # covers task A's gripper action (0) and task B's (1)
