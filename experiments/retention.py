@@ -217,6 +217,14 @@ def _cell(stat: dict, percent: bool = False) -> str:
     return f"{stat['mean'] * scale:.4g} ± {stat['std'] * scale:.2g}"
 
 
+def _metric_order(metric: str) -> tuple[int, str]:
+    """Success in simulation first (what users judge a policy by), then losses, drift, the rest."""
+    for rank, marker in enumerate(("_success", "_decode_failures", "_loss", "drift_")):
+        if marker in metric:
+            return rank, ""  # stable: keeps the report's own order within a group
+    return 4, ""
+
+
 def render_markdown(results: dict) -> str:
     config = results["config"]
     lines = [f"# Retention experiment `{config['name']}`", ""]
@@ -225,7 +233,7 @@ def render_markdown(results: dict) -> str:
               f"{results['compute']['cpu_s'] / 60:.1f} CPU-min over the stages run now or earlier.", ""]
     for policy, policy_summary in results["summary"].items():
         per_run = policy_summary["runs"]
-        metrics = list(dict.fromkeys(m for stats in per_run.values() for m in stats))
+        metrics = sorted(dict.fromkeys(m for stats in per_run.values() for m in stats), key=_metric_order)
         lines += [f"## {policy}", "", "| run | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
         for run, stats in per_run.items():
             cells = [_cell(stats[m], percent=m.endswith("_success")) for m in metrics]
@@ -235,7 +243,7 @@ def render_markdown(results: dict) -> str:
             lines += ["Paired differences against the baseline (run − baseline), mean and bootstrap 95 % CI:", "",
                       "| run | metric | difference | 95 % CI | pairs |", "|---|---|---|---|---|"]
             for run, diffs in policy_summary["differences_vs_baseline"].items():
-                for metric, d in diffs.items():
+                for metric, d in sorted(diffs.items(), key=lambda item: _metric_order(item[0])):
                     scale = 100.0 if metric.endswith("_success") else 1.0
                     lines.append(f"| {run} | {metric} | {d['mean'] * scale:+.4g} | "
                                  f"[{d['ci95'][0] * scale:+.4g}, {d['ci95'][1] * scale:+.4g}] | "
