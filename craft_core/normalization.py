@@ -45,3 +45,74 @@ def fine_tuning_stats(mode: str, *, task_dataset: DatasetSource | None = None,
 
         return aggregate_stats([dataset_stats(anchor_dataset), dataset_stats(task_dataset)])
     raise ValueError(f"train.normalization={mode!r} is not one of task, teacher, union")
+
+
+# A feature whose typical value lies this many scale units from the statistics it is normalised
+# with gives inputs or regression targets no network trains on (measured on MetaWorld: task B's
+# constant gripper action under task A's zero-variance statistics is ~1e8 after normalisation, and
+# the task loss reached 2.5e15).
+UNTRAINABLE_OFFSET = 1e3
+
+
+class NormalizationMismatchError(ValueError):
+    """The statistics a run would train and deploy with cannot represent the task's data."""
+
+
+def _center_and_scale(stats: dict, mode) -> tuple | None:
+    import numpy as np
+
+    name = getattr(mode, "value", mode)
+    if name == "MEAN_STD" and {"mean", "std"} <= stats.keys():
+        return np.asarray(stats["mean"], float), np.asarray(stats["std"], float)
+    if name == "MIN_MAX" and {"min", "max"} <= stats.keys():
+        low, high = np.asarray(stats["min"], float), np.asarray(stats["max"], float)
+        return (low + high) / 2, (high - low) / 2
+    quantiles = {"QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}.get(name)
+    if quantiles and set(quantiles) <= stats.keys():
+        low, high = (np.asarray(stats[q], float) for q in quantiles)
+        return (low + high) / 2, (high - low) / 2
+    return None
+
+
+def statistics_offsets(preprocessor, task_stats: dict) -> dict[str, list[float]]:
+    """Per normalised feature, how far the task data's mean lies from the centre of the statistics
+    ``preprocessor`` normalises with, in their scale units (std for MEAN_STD, half-range otherwise)."""
+    import numpy as np
+    from lerobot.processor.normalize_processor import NormalizerProcessorStep
+
+    offsets: dict[str, list[float]] = {}
+    for step in getattr(preprocessor, "steps", []):
+        if not isinstance(step, NormalizerProcessorStep):
+            continue
+        for key, feature in step.features.items():
+            mode = step.norm_map.get(feature.type)
+            if key not in step.stats or key not in task_stats or "mean" not in task_stats[key]:
+                continue
+            center_scale = _center_and_scale(step.stats[key], mode)
+            if center_scale is None:
+                continue
+            center, scale = center_scale
+            task_mean = np.asarray(task_stats[key]["mean"], float)
+            if task_mean.shape != center.shape:
+                continue
+            offsets[key] = (np.abs(task_mean - center) / (np.abs(scale) + step.eps)).reshape(-1).tolist()
+    return offsets
+
+
+def check_task_fits_statistics(preprocessor, task_stats: dict, mode: str) -> list[str]:
+    """Refuse statistics under which the task's data cannot be trained on; returns the features
+    that lie more than 10 scale units off (worth a warning) when none is beyond reach."""
+    offsets = statistics_offsets(preprocessor, task_stats)
+    hopeless = [(key, i, value) for key, values in offsets.items() for i, value in enumerate(values)
+                if value > UNTRAINABLE_OFFSET]
+    if hopeless:
+        described = ", ".join(f"{key}[{i}] at {value:.3g}" for key, i, value in hopeless[:6])
+        raise NormalizationMismatchError(
+            f"train.normalization={mode!r}: the task dataset's data lies far outside the statistics the checkpoint "
+            f"would be trained and saved with ({described} scale units from their centre; a feature the teacher "
+            "never saw vary normalises to ~1/eps). Training on it diverges. Use train.normalization='union' "
+            "(statistics covering the anchor and task datasets), or a teacher whose statistics already cover the "
+            "new task; 'task' keeps the task's own statistics but then the retained task is served on them."
+        )
+    return [f"{key}[{i}] at {value:.3g}" for key, values in offsets.items() for i, value in enumerate(values)
+            if value > 10.0]

@@ -38,7 +38,7 @@ from craft_core.config import DatasetSource, PolicySource, TrainConfig, semantic
 from craft_core.devices import resolve_device
 from craft_core.distributed import all_reduce_gradients_, mean_across_ranks
 from craft_core.metrics import MetricsLog, plot_training
-from craft_core.normalization import fine_tuning_stats
+from craft_core.normalization import check_task_fits_statistics, fine_tuning_stats
 from craft_core.retention import Retention, RetentionSetupError, open_retention
 from craft_core.surgery import SurgeryStats, apply_gradient_surgery, retention_gradients
 
@@ -290,6 +290,11 @@ def train(
     # The statistics the checkpoint will be deployed with (train.normalization); a resumed run keeps its own.
     stats = None if resume_from else fine_tuning_stats(cfg.normalization, task_dataset=ds, anchor_dataset=anchor_dataset)
     preprocessor, postprocessor = make_processors(policy, dataset_stats=stats, pretrained_path=source.path)
+    if not resume_from:
+        far = check_task_fits_statistics(preprocessor, ds_meta.stats, cfg.normalization)
+        if far and is_main:
+            print(f"[craft train] {role}: the task's data lies far from the normalisation statistics "
+                  f"({', '.join(far[:4])} scale units; train.normalization={cfg.normalization})", flush=True)
     dataset = LeRobotDataset(ds.repo_id, root=ds.root, episodes=ds.episodes, revision=ds.revision,
                              delta_timestamps=resolve_delta_timestamps(policy.config, ds_meta),
                              video_backend=ds.video_backend)

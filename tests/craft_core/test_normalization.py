@@ -71,3 +71,53 @@ def test_anchors_are_normalised_like_the_student_and_the_keystone_holds(tiny_pi0
           anchor_dataset=cache.dataset)
     first = read_metrics(tmp_path / "run")[0]
     assert first["retention_loss/prefix"] <= 1e-6 and first["retention_loss/action_output"] <= 1e-6
+
+
+def _normalizer(stats: dict, mode: str = "MEAN_STD"):
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+    from lerobot.processor import PolicyProcessorPipeline
+    from lerobot.processor.normalize_processor import NormalizerProcessorStep
+
+    step = NormalizerProcessorStep(
+        features={"action": PolicyFeature(type=FeatureType.ACTION, shape=(2,))},
+        norm_map={FeatureType.ACTION: NormalizationMode(mode)}, stats=stats)
+    return PolicyProcessorPipeline(steps=[step])
+
+
+def test_statistics_that_cannot_represent_the_task_are_refused_by_feature_and_dimension():
+    from craft_core.normalization import NormalizationMismatchError, check_task_fits_statistics, statistics_offsets
+
+    # Task A's gripper action is constant 0 (std 0); task B's is constant 1.
+    teacher = {"action": {"mean": [0.2, 0.0], "std": [0.5, 0.0], "min": [-1.0, 0.0], "max": [1.0, 0.0]}}
+    task_b = {"action": {"mean": [0.7, 1.0], "std": [0.4, 0.0]}}
+    offsets = statistics_offsets(_normalizer(teacher), task_b)
+    assert offsets["action"][0] == pytest.approx(1.0) and offsets["action"][1] > 1e7
+    with pytest.raises(NormalizationMismatchError, match=r"action\[1\].*union"):
+        check_task_fits_statistics(_normalizer(teacher), task_b, "teacher")
+    # Within reach: nothing refused; a feature 10+ scale units off is reported for a warning.
+    assert check_task_fits_statistics(_normalizer(teacher), {"action": {"mean": [0.3, 0.0]}}, "teacher") == []
+    far = check_task_fits_statistics(_normalizer(teacher), {"action": {"mean": [6.0, 0.0]}}, "teacher")
+    assert far == ["action[0] at 11.6"]
+    # MIN_MAX statistics are judged on their half-range.
+    assert statistics_offsets(_normalizer(teacher, "MIN_MAX"), task_b)["action"][0] == pytest.approx(0.7)
+
+
+def test_training_refuses_statistics_the_task_lies_outside_before_writing_anything(tiny_pi0_fast, pusht_datasets,
+                                                                                 tmp_path):
+    import json
+    import shutil
+
+    from craft_core.normalization import NormalizationMismatchError
+    from craft_core.train import train
+
+    task_repo, task_root = task_dataset(pusht_datasets)
+    moved_root = tmp_path / "moved"
+    shutil.copytree(task_root, moved_root)
+    stats_file = moved_root / "meta" / "stats.json"
+    stats = json.loads(stats_file.read_text())
+    stats["action"]["mean"] = [value + 1e6 for value in stats["action"]["mean"]]  # far outside the teacher's
+    stats_file.write_text(json.dumps(stats))
+    cfg = train_config(task_repo, moved_root, steps=1, save_every=1, retention=None, normalization="teacher")
+    with pytest.raises(NormalizationMismatchError, match=r"train.normalization='teacher'.*action\[0\]"):
+        train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=None, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
