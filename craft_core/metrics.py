@@ -137,3 +137,100 @@ def plot_training(metrics_path: Path, out_png: Path, title: str | None = None) -
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
     return out_png
+
+
+def _smoothed(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+TARGET_MARKERS = ("o", "x", "^", "s")
+TARGET_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def comparison_panels(retaining: list[str]) -> list[str]:
+    """The panels of the comparison figure: the task loss always; the retention panels only when a
+    run retains (a baseline-only pipeline gets no empty panels)."""
+    return ["task_loss"] + (["retention", "lambda", "grad_cosine"] if retaining else [])
+
+
+def plot_comparison(runs: dict[str, Path], out_png: Path, *, retaining: list[str], title: str) -> Path:
+    """One figure comparing the training runs of a pipeline (run name -> metrics.jsonl).
+
+    Panels: every run's task loss (raw, faint; moving average, solid); for the runs in
+    ``retaining``: each target's retention loss against its bound ε_t(t) on one axis, λ_t, and the
+    gradient cosine with the projected (conflicting) steps marked.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = {run: read_metrics(path) for run, path in runs.items()}
+    colors = {run: ("black" if run not in retaining else f"C{i}") for i, run in enumerate(runs)}
+    panels = comparison_panels(retaining)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.5 * len(panels) + 0.6), sharex=True, squeeze=False)
+    axes = dict(zip(panels, axes[:, 0], strict=True))
+
+    ax = axes["task_loss"]
+    for run, recs in records.items():
+        steps, values = _series(recs, "task_loss")
+        if not steps:
+            continue
+        window = max(1, len(values) // 20)
+        ax.plot(steps, values, linewidth=0.6, alpha=0.3, color=colors[run])
+        ax.plot(steps, _smoothed(values, window), linewidth=1.4, color=colors[run],
+                label=run + (f" (mean of {window})" if window > 1 else ""))
+    ax.set_ylabel("task loss")
+    ax.legend(fontsize=7, loc="best")
+
+    if retaining:
+        ax_ret, ax_lam, ax_cos = axes["retention"], axes["lambda"], axes["grad_cosine"]
+        schedules: dict[tuple, list[str]] = {}  # one ε(t) curve per distinct schedule, named by its targets
+        for run in retaining:
+            recs = records[run]
+            for j, target in enumerate(target_names(recs)):
+                marker, style = TARGET_MARKERS[j % 4], TARGET_LINESTYLES[j % 4]
+                ax_ret.plot(*_series(recs, f"retention_loss/{target}"), marker=marker, markersize=3, linewidth=0.8,
+                            linestyle="-", color=colors[run], label=f"L {target} ({run})")
+                eps = _series(recs, f"epsilon/{target}")
+                if eps[0]:
+                    names = schedules.setdefault((tuple(eps[0]), tuple(eps[1])), [])
+                    if target not in names:
+                        names.append(target)
+                ax_lam.plot(*_series(recs, f"lambda/{target}"), linestyle=style, linewidth=1.2, color=colors[run],
+                            label=f"λ {target} ({run})")
+            steps, cosines = _series(recs, "grad_cosine")
+            ax_cos.plot(steps, cosines, marker=".", markersize=3, linewidth=0.5, color=colors[run], label=run)
+            projected = [(r["step"], _as_float(r.get("grad_cosine"))) for r in recs if r.get("projected")]
+            projected = [(s, v) for s, v in projected if v is not None]
+            if projected:
+                ax_cos.scatter(*zip(*projected), marker="x", color="red", s=20, zorder=3,
+                               label=f"projected ({run}: {len(projected)})")
+        for k, ((steps, values), names) in enumerate(schedules.items()):
+            ax_ret.plot(steps, values, linestyle=TARGET_LINESTYLES[(k + 1) % 4], linewidth=1.4, color="gray",
+                        label=f"ε(t) {', '.join(names)}")
+        ax_ret.set_ylabel("retention loss vs ε(t)")
+        ax_ret.set_yscale("symlog", linthresh=1e-6)
+        ax_ret.set_ylim(bottom=0.0)
+        ax_lam.set_ylabel("λ (dual ascent)")
+        ax_cos.axhline(0.0, color="black", linewidth=0.5)
+        ax_cos.set_ylabel("cos(g_task, g_ret)")
+        for axis in (ax_ret, ax_lam, ax_cos):
+            axis.legend(fontsize=7, loc="best")
+    for axis in axes.values():
+        axis.grid(alpha=0.3)
+    axes[panels[-1]].set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

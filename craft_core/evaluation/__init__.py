@@ -300,8 +300,11 @@ def eval_run_stage(cfg: EvalConfig, *, teacher: PolicySource, policy: str, upstr
 
 
 def report_stage(cfg: EvalConfig, *, teacher: PolicySource, runs: list[str], evaluated: list[str],
-                 upstream: dict[str, dict], out_dir: Path, progress: Callable[[int, int, dict], None] | None = None) -> dict:
-    """The pipeline's report stage: every ``eval_<policy>`` stage's evaluation in one report."""
+                 upstream: dict[str, dict], out_dir: Path, about: dict | None = None,
+                 progress: Callable[[int, int, dict], None] | None = None) -> dict:
+    """The pipeline's report stage: every ``eval_<policy>`` stage's evaluation in one report, with
+    ``about`` (``report.pipeline_summary`` of the config: tasks, anchoring, constraints) completed by
+    the cache stage's resolved layers, and one figure of every run's training curves."""
     import json
 
     from craft_core.evaluation.report import comparison_rows
@@ -319,10 +322,29 @@ def report_stage(cfg: EvalConfig, *, teacher: PolicySource, runs: list[str], eva
     report["drift_sets"] = context.get("drift_sets", {})
     report["action_loss_frames"] = context.get("action_loss_frames", {})
     report["fine_tuning_runs"] = list(runs)
+    # <root>/report/<fingerprint>/: paths in report.md are shown relative to <root>
+    report["artifacts_root"] = str(out_dir.resolve().parent.parent)
+    if about is not None:
+        about = json.loads(json.dumps(about))
+        anchors = about.setdefault("anchors", {})
+        anchors.update({"resolved_layers": cache.get("layers"), "depth": cache.get("depth"),
+                        "n_heldout": cache.get("n_heldout")})
+        report["about"] = about
+    metrics = {run: report["train"][run]["metrics"] for run in runs
+               if run in report["train"] and report["train"][run].get("metrics")
+               and Path(report["train"][run]["metrics"]).is_file()}
+    if metrics:
+        from craft_core.metrics import plot_comparison
+
+        retaining = [run for run in metrics if report["train"][run].get("final_lambda")]
+        name = (about or {}).get("name") or "craft"
+        report["plot"] = str(plot_comparison(metrics, out_dir / "training_curves.png", retaining=retaining,
+                                             title=f"{name}: {' vs '.join(metrics)}"))
     report = write_report(report, out_dir)
     return {
         "report_json": str(out_dir / "report.json"),
         "report_md": str(out_dir / "report.md"),
+        "plot": report.get("plot"),
         "comparison": comparison_rows(report),
         "runs": sorted(report["runs"]),
     }

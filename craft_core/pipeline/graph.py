@@ -39,6 +39,7 @@ from craft_core.config import (
 )
 from craft_core.demo.assets import assets_stage
 from craft_core.evaluation import eval_run_stage, report_stage
+from craft_core.evaluation.report import pipeline_summary
 from craft_core.extraction import cache_stage
 from craft_core.pipeline.fingerprint import StageDir, code_version, stage_fingerprint
 from craft_core.train import train_stage
@@ -159,7 +160,8 @@ def stage_slices(cfg: PipelineConfig) -> list[tuple[str, str, dict[str, Any], li
         elif policy in cfg.eval.reference_runs:
             config["reference"] = cfg.eval.reference_runs[policy]
         add(f"eval_{policy}", "eval", config, consumes)
-    add("report", "report", {"eval": evaluation, "teacher": teacher, "runs": list(cfg.runs), "evaluated": evaluated},
+    add("report", "report", {"eval": evaluation, "teacher": teacher, "runs": list(cfg.runs), "evaluated": evaluated,
+                             "about": pipeline_summary(cfg)},
         ["cache", *(f"train_{run}" for run in cfg.runs), *(f"eval_{policy}" for policy in evaluated)])
     return stages
 
