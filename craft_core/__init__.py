@@ -26,3 +26,7 @@ def _shorten_torchcodec_warning() -> None:
 
 
 _shorten_torchcodec_warning()
+
+from craft_core import noise as _noise  # noqa: E402  (after the torchcodec filter: it sees the short text)
+
+_noise.install()

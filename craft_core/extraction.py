@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from craft_core.config import CacheConfig, DatasetSource, DriftSetConfig, semantic
 from craft_core.devices import resolve_device
+from craft_core.noise import progress_bars
 from craft_core.store import (
     AnchorStoreWriter,
     StoreLayout,
@@ -293,7 +294,8 @@ def extract_anchors(
         AnchorFrames(dataset, selection), batch_sampler=batches, num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(total=total, initial=done, desc="teacher anchors", unit="anchor", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=done, desc="teacher anchors", unit="anchor", dynamic_ncols=True,
+               disable=not progress_bars())
     if progress is not None:
         progress(done, total, {"blocks_done": len(mine) - len(todo), "blocks_total": len(mine)})
     started, resumed_at = time.perf_counter(), done

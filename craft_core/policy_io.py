@@ -222,10 +222,12 @@ def load_policy(
     """
     from lerobot.policies.factory import get_policy_class, make_policy
 
+    from craft_core.noise import quiet_prints
+
     cfg = load_policy_config(source)
     folder = Path(cfg.pretrained_path)
     cfg.device = str(device)
-    with policy_loading_context(folder):
+    with policy_loading_context(folder), quiet_prints():  # lerobot's load banner and chatter: noise.py
         if ds_meta is not None:
             policy = make_policy(cfg, ds_meta=ds_meta)
         else:

@@ -38,6 +38,7 @@ from craft_core.config import DatasetSource, PolicySource, TrainConfig, semantic
 from craft_core.devices import resolve_device
 from craft_core.distributed import all_reduce_gradients_, mean_across_ranks
 from craft_core.metrics import MetricsLog, plot_training
+from craft_core.noise import progress_bars
 from craft_core.normalization import check_task_fits_statistics, fine_tuning_stats
 from craft_core.retention import Retention, RetentionSetupError, open_retention
 from craft_core.surgery import SurgeryStats, apply_gradient_surgery, retention_gradients
@@ -342,7 +343,8 @@ def train(
                              wandb_config=run, run_name=out_dir.name)
         print(f"[craft train] {role}{f', cache_type={cache_type}' if cache_type else ''}: steps {step}->{cfg.steps}, "
               f"{accelerator.num_processes} process(es) on {accelerator.device}")
-    progress_bar = tqdm(total=cfg.steps, initial=step, disable=not is_main, desc=role, dynamic_ncols=True)
+    progress_bar = tqdm(total=cfg.steps, initial=step, disable=not is_main or not progress_bars(), desc=role,
+                        dynamic_ncols=True)
 
     data_iter = cycle(dataloader)
     last_task_loss = float("nan")

@@ -28,15 +28,31 @@ if __name__ == "__main__" and not os.environ.get("PREFECT_API_URL"):
 
 from prefect import flow
 
+from craft_core import noise
 from craft_core.config import STAGES, PipelineConfig, load_config, load_preset
 from craft_core.pipeline import StageRef, assets_dir, existing_ref, isolate_stage, plan_pipeline
+from tasks import common
 from tasks.common import run_logger, stage_task_options
 from tasks.stages import run_stage_task
 
 DEFAULT_PRESET = "demo"
 
 
-@flow(name="craft", log_prints=True)
+def flow_run_name() -> str:
+    """``<preset name>-<first 6 of the report stage's fingerprint>``: runs of the same config and code
+    share a name, and any change to what the pipeline computes gives another."""
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters.get("config")
+    try:
+        config = config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        plans = plan_pipeline(config)
+        return f"{config.name}-{plans[next(reversed(plans))].fingerprint[:6]}"
+    except Exception:  # a name is never worth failing the run for
+        return getattr(config, "name", None) or "craft"
+
+
+@flow(name="craft", log_prints=True, flow_run_name=flow_run_name)
 def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
     """Run the CRaFT pipeline; stages whose content-addressed output exists are skipped.
 
@@ -56,9 +72,13 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
 
     for index, plan in enumerate(selected, start=1):
         logger.info("stage %d/%d: %s", index, len(selected), plan.stage)
+        if common.CONSOLE is not None:
+            common.CONSOLE.start(index, len(selected), plan.stage)
         upstream = {stage: ref_of(stage) for stage in plan.upstream}
         task = run_stage_task.with_options(**stage_task_options(plan))
         refs[plan.stage] = task(plan, upstream, assets_dir(plans), isolate_stage(config, plan))
+        if common.CONSOLE is not None:
+            common.CONSOLE.finish(plan.stage)
 
     summary = {
         "artifacts_root": next(iter(plans.values())).artifacts_root,
@@ -85,6 +105,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--print-params", action="store_true",
                         help="print the flow parameters as JSON (for `prefect deployment run craft/full "
                              "--params`) instead of running")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything: Prefect's log lines, progress bars, and the lerobot output craft "
+                             "filters as known and harmless (craft_core/noise.py lists it and why)")
     parser.add_argument("overrides", nargs="*", metavar="A.B=C", help="overrides, like --set")
     return parser.parse_args(argv)
 
@@ -99,18 +122,57 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     return load_preset(args.preset or DEFAULT_PRESET, overrides)
 
 
+def quiet_console() -> None:
+    """The command line's default view: one line per stage (tasks.common.StageConsole), Prefect's
+    console at WARNING (its INFO records still reach the server and the UI), no progress bars."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    noise.set_verbose(False)
+    noise.set_progress_bars(False)  # stage processes inherit it
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # if Prefect configures logging again
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+    for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("uvicorn", "fastapi"))):
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.WARNING)
+    common.CONSOLE = common.StageConsole()
+
+
+def print_results(summary: dict, elapsed: float) -> None:
+    """The end of a command-line run: the comparison table and where the report is."""
+    from pathlib import Path
+
+    from craft_core.evaluation.report import console_table
+
+    print(f"craft finished in {elapsed:.1f} s; stage outputs under {summary['artifacts_root']}")
+    if "report" in summary:
+        report_json = Path(summary["report"]).with_name("report.json")
+        if report_json.is_file():
+            print("\n" + console_table(json.loads(report_json.read_text())) + "\n")
+        print(f"report: {summary['report']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from_args(args)
     if args.print_params:
         print(json.dumps({"config": config.model_dump(mode="json")}))
         return 0
+    if args.verbose:
+        noise.set_verbose(True)
+    else:
+        quiet_console()
     started = time.perf_counter()
     summary = craft(config=config)
-    elapsed = time.perf_counter() - started
-    print(f"craft finished in {elapsed:.1f} s; stage outputs under {summary['artifacts_root']}")
-    if "report" in summary:
-        print(f"report: {summary['report']}")
+    print_results(summary, time.perf_counter() - started)
     return 0
 
 

@@ -65,6 +65,91 @@ def run_logger():
         return logging.getLogger("craft.tasks")
 
 
+class StageConsole:
+    """The command line's view of a run: one line per stage, ``stage k/N <name>``.
+
+    On a terminal the line of the running stage is redrawn in place with its progress; in a log
+    (not a TTY) each stage writes one line when it ends. Writes to the real stdout, never through
+    ``print``, so Prefect's print-to-log does not turn it into log records. Stages that Prefect
+    served from its cache never run their task: they are reported as cached.
+    """
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started: dict[str, tuple[int, int, float]] = {}
+        self.executed: dict[str, bool] = {}
+        self.last_draw = 0.0
+
+    def _write(self, text: str, newline: bool) -> None:
+        prefix = "\r\033[K" if self.tty else ""
+        self.stream.write(prefix + text + ("\n" if newline else ""))
+        self.stream.flush()
+
+    def start(self, index: int, total: int, stage: str) -> None:
+        self.started[stage] = (index, total, time.monotonic())
+        if self.tty:
+            self._write(f"stage {index}/{total} {stage} ...", newline=False)
+
+    def progress(self, stage: str, done: int, total: int, metrics: dict) -> None:
+        if not self.tty or stage not in self.started or time.monotonic() - self.last_draw < 0.5:
+            return
+        self.last_draw = time.monotonic()
+        index, n, _ = self.started[stage]
+        shown = progress_fields(metrics, limit=3)
+        self._write(f"stage {index}/{n} {stage} {done}/{total}" + (f"  {shown}" if shown else ""), newline=False)
+
+    def mark(self, stage: str, executed: bool) -> None:
+        self.executed[stage] = executed
+
+    def finish(self, stage: str) -> None:
+        index, total, started = self.started.get(stage, (0, 0, time.monotonic()))
+        executed = self.executed.get(stage)
+        status = (f"done in {time.monotonic() - started:.1f} s" if executed
+                  else "complete already (reused)" if executed is False else "cached (Prefect)")
+        self._write(f"stage {index}/{total} {stage}: {status}", newline=True)
+
+
+# The console of the command line, when the flow runs from it (flows/craft_flow.py main); None in
+# a deployment, where the Prefect UI is the view.
+CONSOLE: StageConsole | None = None
+
+
+def progress_fields(metrics: dict, limit: int | None = None) -> str:
+    """The readable part of a progress update: numbers rounded, None and internals left out."""
+    shown = []
+    for key, value in metrics.items():
+        if value is None or isinstance(value, (dict, list)) or key in HIDDEN_PROGRESS_KEYS:
+            continue
+        if isinstance(value, bool):
+            continue
+        shown.append(f"{key} {_round(value)}")
+    return ", ".join(shown[:limit] if limit else shown)
+
+
+# Progress metrics that say nothing to a person watching (constant per run or internal).
+HIDDEN_PROGRESS_KEYS = frozenset({"step", "cache_type", "lr", "samples_per_s", "step_time_s", "grad_norm"})
+
+
+def progress_table(stage: str, done: int, total: int, metrics: dict) -> str:
+    """A progress artifact's description: a small markdown table of the stage's position and each
+    metric that has a value, rounded (no ``lambda=None`` of a baseline, no internals)."""
+    rows = [("stage", f"`{stage}`"), ("progress", f"{done}/{total}")]
+    for key, value in metrics.items():
+        if value is None or isinstance(value, (bool, dict, list)) or key in HIDDEN_PROGRESS_KEYS:
+            continue
+        rows.append((key.replace("_", " "), _round(value)))
+    return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def _round(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
 class ProgressArtifact:
     """A craft_core ``progress(done, total, metrics)`` callback drawn as a Prefect progress artifact.
 
@@ -80,11 +165,12 @@ class ProgressArtifact:
         self.last: tuple[int, int, dict] | None = None
 
     def _describe(self, done: int, total: int, metrics: dict) -> str:
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        return f"{self.plan.stage} {done}/{total}" + (f": {shown}" if shown else "")
+        return progress_table(self.plan.stage, done, total, metrics)
 
     def __call__(self, done: int, total: int, metrics: dict) -> None:
         self.last = (done, total, metrics)
+        if CONSOLE is not None:
+            CONSOLE.progress(self.plan.stage, done, total, metrics)
         now = time.monotonic()
         if self.artifact_id is not None and done < total and now - self.last_update < self.min_interval_s:
             return
@@ -100,12 +186,24 @@ class ProgressArtifact:
             run_logger().warning("progress artifact update failed: %s", exc)
 
 
+def rounded(value, digits: int = 4):
+    """A float rounded to ``digits`` significant digits (still a number, so tables sort); other values as is."""
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def rounded_rows(rows: list[dict]) -> list[dict]:
+    """Table-artifact rows with every float rounded (the UI shows floats with all their digits)."""
+    return [{key: rounded(value) for key, value in row.items()} for row in rows]
+
+
 def summary_markdown(plan: StagePlan, ref: StageRef, executed: bool, extra: str = "") -> str:
-    status = "executed" if executed else "reused (complete output already present)"
+    status = "executed" if executed else "cached: reused its complete output, nothing re-ran"
     lines = [
-        f"# craft stage `{plan.stage}`",
+        f"# craft stage `{plan.stage}`" + ("" if executed else " (cached)"),
         "",
-        f"- status: {status}",
+        f"- status: **{status}**",
         f"- fingerprint: `{plan.fingerprint}` (code `{plan.code_version}`)",
         f"- output: `{ref.path}`",
     ]
@@ -114,7 +212,7 @@ def summary_markdown(plan: StagePlan, ref: StageRef, executed: bool, extra: str 
     scalars = {k: v for k, v in ref.result.items() if isinstance(v, (int, float, str, bool)) or v is None}
     if scalars:
         lines += ["", "| result | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in scalars.items()]
+        lines += [f"| {k} | {_round(v)} |" for k, v in scalars.items() if v is not None]
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"
@@ -130,5 +228,5 @@ def publish_summary(plan: StagePlan, ref: StageRef, executed: bool, extra: str =
     create_markdown_artifact(
         summary_markdown(plan, ref, executed, extra),
         key=artifact_key("craft", plan.stage, "summary"),
-        description=f"craft stage {plan.stage}",
+        description=f"craft stage {plan.stage}" + ("" if executed else " (cached: output reused)"),
     )

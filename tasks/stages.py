@@ -11,8 +11,11 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from craft_core.evaluation.report import headline_rows
 from craft_core.pipeline import StagePlan, StageRef, execute_stage
-from tasks.common import ProgressArtifact, artifact_key, image_markdown, publish_summary, run_logger, stage_task
+from tasks import common
+from tasks.common import (ProgressArtifact, artifact_key, image_markdown, publish_summary, rounded_rows, run_logger,
+                          stage_task)
 
 
 @stage_task
@@ -27,6 +30,8 @@ def run_stage_task(plan: StagePlan, upstream: dict[str, StageRef], assets: str |
         progress(total, total, metrics)
     if not executed:
         logger.info("stage %s: complete output found at %s, not re-running", plan.stage, plan.path)
+    if common.CONSOLE is not None:
+        common.CONSOLE.mark(plan.stage, executed)
     PUBLISHERS[plan.kind](plan, ref, executed)
     return ref
 
@@ -56,13 +61,15 @@ def _publish_eval(plan: StagePlan, ref: StageRef, executed: bool) -> None:
 
 def _publish_report(plan: StagePlan, ref: StageRef, executed: bool) -> None:
     report = json.loads(Path(ref.result["report_json"]).read_text())
-    create_table_artifact(eval_rows(report), key=artifact_key("craft", "eval", "results"),
+    create_table_artifact(rounded_rows(eval_rows(report)), key=artifact_key("craft", "eval", "results"),
                           description="Simulation and drift results per run")
-    create_table_artifact(ref.result["comparison"], key=artifact_key("craft", "comparison"),
-                          description="Teacher vs baseline fine-tuning vs CRaFT")
+    create_table_artifact(rounded_rows(headline_rows(report)), key=artifact_key("craft", "comparison"),
+                          description="Teacher vs baseline fine-tuning vs CRaFT (all columns: the report)")
     create_markdown_artifact(Path(ref.result["report_md"]).read_text(), key=artifact_key("craft", "report"),
                              description=f"craft evaluation report ({ref.result['report_json']})")
-    publish_summary(plan, ref, executed, extra=f"report: `{ref.result['report_md']}`")
+    plot = ref.result.get("plot")
+    extra = image_markdown(plot, "training curves") if plot and Path(plot).is_file() else ""
+    publish_summary(plan, ref, executed, extra=f"report: `{ref.result['report_md']}`\n\n{extra}")
 
 
 PUBLISHERS = {"assets": _publish_assets, "cache": _publish_cache, "train": _publish_train, "eval": _publish_eval,

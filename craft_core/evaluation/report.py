@@ -52,6 +52,33 @@ def comparison_rows(report: dict) -> list[dict]:
     return [{column: row.get(column) for column in columns} for row in rows]
 
 
+def _headline_column(column: str) -> bool:
+    if column in ("run", "final task loss", "final λ", "ε_end"):
+        return True
+    if column.endswith("success %") or column.endswith(" loss"):
+        return True
+    return column.startswith("drift") and "cosine" not in column
+
+
+def headline_rows(report: dict) -> list[dict]:
+    """The comparison with only the columns that answer the question: sim success, losses, drift,
+    λ and ε_end (no reward sums, intervals or cosine variants: those are in the report)."""
+    return [{k: v for k, v in row.items() if _headline_column(k)} for row in comparison_rows(report)]
+
+
+def console_table(report: dict) -> str:
+    """``headline_rows`` as an aligned plain-text table, for the end of a command-line run."""
+    rows = headline_rows(report)
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
 def _per_target(values: dict | None) -> str | None:
     """``{"prefix": 0.93, "action_output": 1.2}`` as ``prefix 0.93, action_output 1.2`` (one value: bare)."""
     if not values:

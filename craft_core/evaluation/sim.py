@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from craft_core.config import SimEvalConfig
+from craft_core.noise import lerobot_eval_bars
 
 # Which pip extra of lerobot brings the simulator of each env craft can evaluate in.
 ENV_PACKAGES: dict[str, tuple[str, str]] = {
@@ -184,7 +185,7 @@ def simulate(
     n_videos = sim.n_videos if videos_dir is not None else 0
     videos_dir = videos_dir if n_videos > 0 else None  # lerobot creates the folder whenever one is given
     try:
-        with torch.no_grad(), decoding:
+        with torch.no_grad(), decoding, lerobot_eval_bars():  # nested rollout bars only when bars are on
             info = eval_policy_all(
                 envs=envs,
                 policy=policy,
