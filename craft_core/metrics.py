@@ -173,7 +173,7 @@ def plot_comparison(runs: dict[str, Path], out_png: Path, *, retaining: list[str
     import matplotlib.pyplot as plt
 
     records = {run: read_metrics(path) for run, path in runs.items()}
-    colors = {run: ("black" if run not in retaining else f"C{i}") for i, run in enumerate(runs)}
+    colors = {run: ("black" if run == "baseline" else f"C{i}") for i, run in enumerate(runs)}
     panels = comparison_panels(retaining)
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.5 * len(panels) + 0.6), sharex=True, squeeze=False)
     axes = dict(zip(panels, axes[:, 0], strict=True))
@@ -197,8 +197,11 @@ def plot_comparison(runs: dict[str, Path], out_png: Path, *, retaining: list[str
             recs = records[run]
             for j, target in enumerate(target_names(recs)):
                 marker, style = TARGET_MARKERS[j % 4], TARGET_LINESTYLES[j % 4]
-                ax_ret.plot(*_series(recs, f"retention_loss/{target}"), marker=marker, markersize=3, linewidth=0.8,
-                            linestyle="-", color=colors[run], label=f"L {target} ({run})")
+                steps, losses = _series(recs, f"retention_loss/{target}")
+                window = max(1, len(losses) // 20)
+                ax_ret.plot(steps, losses, marker=marker, markersize=2, linewidth=0.4, alpha=0.3, color=colors[run])
+                ax_ret.plot(steps, _smoothed(losses, window), linestyle=style, linewidth=1.4, color=colors[run],
+                            label=f"L {target} ({run})" + (f", mean of {window}" if window > 1 else ""))
                 eps = _series(recs, f"epsilon/{target}")
                 if eps[0]:
                     names = schedules.setdefault((tuple(eps[0]), tuple(eps[1])), [])
@@ -214,11 +217,10 @@ def plot_comparison(runs: dict[str, Path], out_png: Path, *, retaining: list[str
                 ax_cos.scatter(*zip(*projected), marker="x", color="red", s=20, zorder=3,
                                label=f"projected ({run}: {len(projected)})")
         for k, ((steps, values), names) in enumerate(schedules.items()):
-            ax_ret.plot(steps, values, linestyle=TARGET_LINESTYLES[(k + 1) % 4], linewidth=1.4, color="gray",
+            ax_ret.plot(steps, values, linestyle=(0, (4, 2)), linewidth=2.0, color="black", alpha=0.8, zorder=4,
                         label=f"ε(t) {', '.join(names)}")
         ax_ret.set_ylabel("retention loss vs ε(t)")
-        ax_ret.set_yscale("symlog", linthresh=1e-6)
-        ax_ret.set_ylim(bottom=0.0)
+        ax_ret.set_yscale("log", nonpositive="mask")  # a student still equal to the teacher (L = 0) is not drawn
         ax_lam.set_ylabel("λ (dual ascent)")
         ax_cos.axhline(0.0, color="black", linewidth=0.5)
         ax_cos.set_ylabel("cos(g_task, g_ret)")

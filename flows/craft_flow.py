@@ -25,6 +25,10 @@ if __name__ == "__main__" and not os.environ.get("PREFECT_API_URL"):
     # minute on a busy one; the default limit is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if __name__ == "__main__" and "--verbose" not in sys.argv[1:]:
+    # lerobot re-enables the datasets library's progress bars after every dataset it writes
+    # (SuppressProgressBars); only this variable, read when datasets is imported, keeps them off.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 from prefect import flow
 
@@ -132,13 +136,7 @@ def quiet_console() -> None:
     noise.set_verbose(False)
     noise.set_progress_bars(False)  # stage processes inherit it
     os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"  # if Prefect configures logging again
-    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # stage processes (see the top of this file)
     for logger in (logging.getLogger(), *(logging.getLogger(n) for n in ("uvicorn", "fastapi"))):
         for handler in logger.handlers:
             if isinstance(handler, PrefectConsoleHandler):
@@ -170,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         noise.set_verbose(True)
     else:
         quiet_console()
+        plans = plan_pipeline(config)
+        selected = sum(plan.section in config.stages for plan in plans.values())
+        print(f"craft: {config.name}, {selected} stages, outputs under {next(iter(plans.values())).artifacts_root} "
+              "(--verbose for every log line)", flush=True)
     started = time.perf_counter()
     summary = craft(config=config)
     print_results(summary, time.perf_counter() - started)

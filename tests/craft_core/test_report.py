@@ -117,3 +117,12 @@ def test_comparison_figure_has_retention_panels_only_when_a_run_retains(tmp_path
     alone = plot_comparison({"baseline": baseline}, tmp_path / "alone.png", retaining=[], title="demo: baseline")
     # 2.5 inches per panel + 0.6 for the title, at 100 dpi: one panel for the baseline alone, four with CRaFT
     assert Image.open(alone).size[1] == 310 and Image.open(both).size[1] == 1060
+
+
+def test_the_report_stage_is_planned_with_the_pipeline_summary(tmp_path):
+    from craft_core.pipeline import plan_pipeline
+
+    plans = plan_pipeline(load_preset("smoke", [f"artifacts_root={tmp_path}"]))
+    about = plans["report"].config["about"]
+    assert about["name"] == "craft-smoke" and about["anchors"]["layers"] == [-2, -1]
+    assert plans["report"].kwargs(str(tmp_path / "assets"))["about"] == about  # handed to report_stage as is
