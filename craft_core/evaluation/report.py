@@ -63,7 +63,11 @@ def _headline_column(column: str) -> bool:
 def headline_rows(report: dict) -> list[dict]:
     """The comparison with only the columns that answer the question: sim success, losses, drift,
     λ and ε_end (no reward sums, intervals or cosine variants: those are in the report)."""
-    return [{k: v for k, v in row.items() if _headline_column(k)} for row in comparison_rows(report)]
+    rows = comparison_rows(report)
+    columns = [c for c in (rows[0] if rows else {}) if _headline_column(c)]
+    if "final task loss" in columns and any("task_b" in c or "task b" in c for c in columns):
+        columns.remove("final task loss")  # task B is measured directly: the last batch's loss adds nothing
+    return [{c: row[c] for c in columns} for row in rows]
 
 
 def console_table(report: dict) -> str:
@@ -83,7 +87,7 @@ def _per_target(values: dict | None) -> str | None:
     """``{"prefix": 0.93, "action_output": 1.2}`` as ``prefix 0.93, action_output 1.2`` (one value: bare)."""
     if not values:
         return None
-    if len(values) == 1:
+    if len(set(values.values())) == 1:  # one value for every target
         return _fmt(next(iter(values.values())))
     return ", ".join(f"{target} {_fmt(value)}" for target, value in values.items())
 

@@ -68,8 +68,10 @@ def instantiate_and_save(cfg, spec: dict, out_dir: Path, *, ds_meta, seed: int) 
 
     from craft_core.demo.tiny.patching import tiny_lerobot_models
 
+    from craft_core.noise import quiet_prints
+
     torch.manual_seed(seed)
-    with tiny_lerobot_models(spec):
+    with tiny_lerobot_models(spec), quiet_prints():  # lerobot's init chatter: noise.py
         policy = make_policy(cfg, ds_meta=ds_meta)
     policy.save_pretrained(out_dir)
     preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=ds_meta.stats)
