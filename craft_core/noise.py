@@ -48,6 +48,10 @@ KNOWN_PRINTS: tuple[tuple[str, str], ...] = (
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
     (r"pkg_resources is deprecated as an API", UserWarning, r"pygame(\.|$)",
      "pygame (imported by gym-pusht) still uses pkg_resources; nothing of it is used here"),
+    (r"Cannot enable progress bars: environment variable `HF_DATASETS_DISABLE_PROGRESS_BARS=1`", UserWarning,
+     r"datasets\.utils\.tqdm",
+     "lerobot re-enables the datasets library's bars after each dataset it writes; the quiet command line "
+     "keeps them off on purpose"),
     (r"Constant\(s\) may be too high", UserWarning, r"metaworld\.policies",
      "metaworld's scripted experts (demo recordings) use gains above 1 by design; the env and the "
      "recorder clip actions to [-1, 1]"),
