@@ -121,7 +121,7 @@ def progress_fields(metrics: dict, limit: int | None = None) -> str:
     """The readable part of a progress update: numbers rounded, None and internals left out."""
     shown = []
     for key, value in metrics.items():
-        if value is None or isinstance(value, (dict, list)) or key in HIDDEN_PROGRESS_KEYS:
+        if value is None or isinstance(value, (dict, list)) or _hidden(key):
             continue
         if isinstance(value, bool):
             continue
@@ -138,10 +138,14 @@ def progress_table(stage: str, done: int, total: int, metrics: dict) -> str:
     metric that has a value, rounded (no ``lambda=None`` of a baseline, no internals)."""
     rows = [("stage", f"`{stage}`"), ("progress", f"{done}/{total}")]
     for key, value in metrics.items():
-        if value is None or isinstance(value, (bool, dict, list)) or key in HIDDEN_PROGRESS_KEYS:
+        if value is None or isinstance(value, (bool, dict, list)) or _hidden(key):
             continue
         rows.append((key.replace("_", " "), _round(value)))
     return "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def _hidden(key: str) -> bool:
+    return key in HIDDEN_PROGRESS_KEYS or key.removeprefix("pretrain_") in HIDDEN_PROGRESS_KEYS  # assets' pretraining
 
 
 def _round(value) -> str:

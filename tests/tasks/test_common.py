@@ -21,6 +21,8 @@ def test_progress_is_a_small_table_without_none_or_internals():
     assert table.splitlines() == ["| | |", "|---|---|", "| stage | `train_baseline` |", "| progress | 30/60 |",
                                   "| task loss | 0.1235 |", "| grad cosine | -0.25 |", "| run | craft |"]
     assert "None" not in table
+    pretraining = progress_table("assets", 3, 5, {"pretrain_step": 2, "pretrain_grad_norm": 5.3, "pretrain_task_loss": 1.6})
+    assert pretraining.splitlines()[4:] == ["| pretrain task loss | 1.6 |"]
 
 
 def test_a_reused_stage_says_cached_in_its_summary(tmp_path):
