@@ -123,6 +123,9 @@ def install() -> None:
             logging.getLogger(None if name == "root" else name).addFilter(_filters[name])
     if not verbose() and not _installed_warning_filters:
         _add_warning_filters()
+    if not verbose():
+        # pygame (imported by gym-pusht) prints a "Hello from the pygame community" banner on import
+        os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
 
 
 _print_lock = threading.Lock()
