@@ -225,3 +225,32 @@ def test_rename_map_reaches_lerobots_preprocessor(tiny_pi0_fast, pusht_datasets)
                                       rename_map={"observation.images.front": "observation.image"})
     step = next(s for s in preprocessor.steps if type(s).__name__ == "RenameObservationsProcessorStep")
     assert step.rename_map == {"observation.images.front": "observation.image"}
+
+
+# ------------------------------------------------------------------------------ real presets
+
+
+@pytest.mark.parametrize("name", ["pi0fast_libero", "pi0fast_libero_lora"])
+def test_libero_presets_pass_what_can_be_checked_offline(name, tiny_pi0_fast):
+    """The hub teacher cannot be read here: its options are checked against PI0FastConfig directly, the LoRA
+    target regex against the module names of a real (tiny) pi0_fast, and the header states the memory needed."""
+    import re
+
+    from craft_core.config import PRESETS_DIR
+    from craft_core.policy_io import load_policy
+
+    cfg = load_preset(name)
+    header = (PRESETS_DIR / f"{name}.yaml").read_text().split("\nname:")[0]
+    assert re.search(r"= \d+(\.\d+)? GiB before activations", header) and "GiB" in header
+    validate_policy_options("pi0_fast", cfg.train.policy)
+    cameras = {"observation.images.image": "observation.images.base_0_rgb",
+               "observation.images.image2": "observation.images.left_wrist_0_rgb"}
+    assert cfg.cache.dataset.rename_map == cameras == cfg.train.dataset.rename_map
+    assert cfg.cache.dataset.repo_id != cfg.train.dataset.repo_id  # fine-tuned on data the teacher does not know
+    if cfg.train.peft is not None:
+        policy = load_policy(tiny_pi0_fast)
+        names = [n for n, m in policy.named_modules()
+                 if isinstance(m, torch.nn.Linear) and re.fullmatch(cfg.train.peft.target_modules, n)]
+        assert any("language_model.layers.0.self_attn.q_proj" in n for n in names)
+        assert any(n.endswith("paligemma.lm_head") for n in names)
+        assert not any("vision_tower" in n for n in names)
