@@ -254,3 +254,47 @@ def test_libero_presets_pass_what_can_be_checked_offline(name, tiny_pi0_fast):
         assert any("language_model.layers.0.self_attn.q_proj" in n for n in names)
         assert any(n.endswith("paligemma.lm_head") for n in names)
         assert not any("vision_tower" in n for n in names)
+
+
+# ------------------------------------------------------------------------------ memory plan
+
+
+def test_memory_plan_counts_what_training_holds(tiny_pi0_fast, pusht_datasets):
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+    from craft_core.memory_plan import plan_memory
+    from craft_core.policy_io import load_policy, make_processors
+    from craft_core.train import wrap_with_peft
+
+    torch.set_num_threads(1)
+    repo_id, root = task_dataset(pusht_datasets)
+    meta = LeRobotDatasetMetadata(repo_id, root=root)
+    policy = load_policy(tiny_pi0_fast, ds_meta=meta, trainable=True)
+    preprocessor, _ = make_processors(policy, pretrained_path=tiny_pi0_fast)
+    dataset = LeRobotDataset(repo_id, root=root, delta_timestamps=resolve_delta_timestamps(policy.config, meta),
+                             video_backend="pyav")
+    batch = {n: preprocessor(torch.utils.data.default_collate([dataset[i] for i in range(n)])) for n in (2, 4)}
+
+    plan = plan_memory(policy, batch_size=4, precision="no", retention=True, batch=batch[2])
+    n_params = sum(p.numel() for p in policy.parameters())
+    assert plan.weights == 4 * n_params + sum(b.numel() * b.element_size() for b in policy.buffers())
+    assert plan.gradients == 4 * n_params and plan.optimizer == 2 * plan.gradients
+    assert plan.retention_buffer == plan.gradients
+    assert plan_memory(policy, batch_size=4, retention=False, batch=batch[2]).retention_buffer == 0
+    assert plan.total == plan.weights + plan.gradients + plan.optimizer + plan.retention_buffer + plan.activations
+    # measured on 2 samples and scaled to 4 = measured on 4 (activations are linear in the batch)
+    direct = plan_memory(policy, batch_size=4, retention=True, batch=batch[4]).activations
+    assert plan.activations == pytest.approx(direct, rel=0.15)
+    assert plan_memory(policy, batch_size=4, precision="bf16", batch=batch[2]).activations < plan.activations
+    assert all(p.grad is None for p in policy.parameters())  # the probe leaves nothing behind
+
+    # LoRA: the estimate before wrapping is exactly what lerobot's wrapping makes trainable
+    peft = PeftSettings(rank=4, target_modules=["q_proj", "v_proj"])
+    estimate = plan_memory(policy, batch_size=4, peft=peft, retention=True, batch=batch[2])
+    wrapped = wrap_with_peft(policy, peft, PolicySource(path=str(tiny_pi0_fast)))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert estimate.trainable_params == trainable
+    assert estimate.retention_buffer == estimate.gradients == 4 * trainable
+    assert plan_memory(wrapped.get_base_model(), batch_size=4, peft=peft, retention=True,
+                       batch=batch[2]).gradients == 4 * trainable
