@@ -246,7 +246,7 @@ def extract_anchors(
     policy, preprocessor = _load_teacher(cfg, stats, device, policy_options)
     from craft_core.policy_options import check_anchoring
 
-    check_anchoring(policy.config, cfg.targets)
+    check_anchoring(policy.config, cfg.targets, options=policy_options)
     adapter = get_adapter(policy)
     try:
         adapter.check_targets(cfg.targets)

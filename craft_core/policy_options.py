@@ -98,11 +98,14 @@ def freezes_anything(config) -> bool:
     return any(bool(getattr(config, name, False)) for name in FREEZE_FIELDS)
 
 
-def check_anchoring(config, targets, *, field: str = "train.policy") -> None:
-    """Refuse retention targets that cannot move under ``config``'s freezing (see the module doc)."""
+def check_anchoring(config, targets, *, options: dict | None = None) -> None:
+    """Refuse retention targets that cannot move under ``config``'s freezing (see the module doc).
+    ``options`` (``train.policy``) only says where the setting came from in the message."""
     if "prefix" in targets and getattr(config, "train_expert_only", False):
+        source = ("set by train.policy" if "train_expert_only" in (options or {})
+                  else f"the teacher's saved {config.type} config, lerobot's default for smolvla")
         raise AnchoringError(
-            f"prefix anchoring with {field}.train_expert_only=true ({config.type}{' default' if field == 'teacher' else ''}): "
+            f"prefix anchoring with train_expert_only=true ({source}): "
             "the whole VLM is frozen, so the anchored prefix hidden states cannot change and their retention "
             "loss and gradient are zero by construction. Set train.policy.train_expert_only: false to fine-tune "
             "the VLM, or anchor the action path only (cache.targets: [action_output])"

@@ -379,7 +379,7 @@ def train(
         retention = open_retention(cfg.retention, store_url, adapter=get_adapter(base_policy(policy)), teacher=teacher,
                                    seed=cfg.seed, total_steps=cfg.steps, rank=accelerator.process_index,
                                    world_size=accelerator.num_processes)
-        check_anchoring(base_policy(policy).config, retention.targets)
+        check_anchoring(base_policy(policy).config, retention.targets, options=cfg.policy)
         check_trainable_prefix(base_policy(policy), retention.targets)
     cache_type = retention.cache_type if retention else None
 

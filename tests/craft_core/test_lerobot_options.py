@@ -66,7 +66,7 @@ def test_cache_refuses_prefix_anchoring_with_the_vlm_frozen(tiny_smolvla, pusht_
     cfg = CacheConfig(teacher=PolicySource(path=str(tiny_smolvla)), dataset=DatasetSource(repo_id=repo_id, root=str(root)),
                       n_anchors=4, dtype="float32", batch_size=4, device="cpu", targets=["prefix"])
     store = tmp_path / "anchors.zarr"
-    with pytest.raises(AnchoringError, match="train_expert_only=true.*VLM is frozen.*zero by construction"):
+    with pytest.raises(AnchoringError, match=r"train_expert_only=true \(set by train\.policy\).*VLM is frozen.*zero by construction"):
         extract_anchors(cfg, str(store), policy_options={"train_expert_only": True})
     assert not store.exists()  # refused before anything was written
     # the action path still moves with the VLM frozen: anchoring it is allowed
