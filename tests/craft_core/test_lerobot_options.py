@@ -117,7 +117,8 @@ def test_accumulating_n_micro_batches_is_one_step_on_their_union(with_retention,
                              video_backend="pyav")
     batch = preprocessor(torch.utils.data.default_collate([dataset[i] for i in (0, 5, 11, 17)]))
     generator = torch.Generator().manual_seed(0)
-    batch["probe.noise"] = torch.randn(batch["action"].shape, generator=generator)
+    chunk = batch["action"].shape[:2]  # the model pads actions to max_action_dim; its noise is that shape
+    batch["probe.noise"] = torch.randn(*chunk, teacher.config.max_action_dim, generator=generator)
     batch["probe.time"] = torch.rand(4, generator=generator) * 0.9 + 0.05
     store = None
     if with_retention:
