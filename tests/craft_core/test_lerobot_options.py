@@ -115,7 +115,10 @@ def test_accumulating_n_micro_batches_is_one_step_on_their_union(with_retention,
     preprocessor, _ = make_processors(teacher, pretrained_path=tiny_smolvla)
     dataset = LeRobotDataset(repo_id, root=root, delta_timestamps=resolve_delta_timestamps(teacher.config, meta),
                              video_backend="pyav")
-    batch = preprocessor(torch.utils.data.default_collate([dataset[i] for i in (0, 5, 11, 17)]))
+    batch = preprocessor(torch.utils.data.default_collate([dataset[i] for i in (0, 5, 21, 26)]))
+    # lerobot's loss divides by the valid (unpadded) action entries of the whole batch: with none padded, a
+    # batch's loss is the mean of its equally sized micro-batches' losses, which accumulation reproduces.
+    assert not batch["action_is_pad"].any()
     generator = torch.Generator().manual_seed(0)
     chunk = batch["action"].shape[:2]  # the model pads actions to max_action_dim; its noise is that shape
     batch["probe.noise"] = torch.randn(*chunk, teacher.config.max_action_dim, generator=generator)
