@@ -130,9 +130,14 @@ def test_accumulating_n_micro_batches_is_one_step_on_their_union(with_retention,
     retention_cfg = RetentionConfig(every_k=1, anchor_batch_size=4, lambda_init=1.0, lambda_lr=5.0,
                                     eps_start=0.0, eps_end=0.0, conflict_threshold=1.0)  # always project
 
+    # Start off the teacher (a copy of it has zero retention loss and gradient: nothing to merge).
+    start = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for parameter in start.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=generator))
     results = {}
     for n in (1, 2):
-        student = copy.deepcopy(teacher)
+        student = copy.deepcopy(start)
         model = FixedNoise(student)
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=0.5)
@@ -149,7 +154,7 @@ def test_accumulating_n_micro_batches_is_one_step_on_their_union(with_retention,
     (one, weights_one, lam_one), (acc, weights_acc, lam_acc) = results[1], results[2]
     assert one.good and acc.good
     assert acc.task_loss == pytest.approx(one.task_loss, rel=1e-5)
-    moved = [k for k in weights_one if not torch.equal(weights_one[k], teacher.state_dict()[k])]
+    moved = [k for k in weights_one if not torch.equal(weights_one[k], start.state_dict()[k])]
     assert len(moved) > 10  # the step did something
     for name in weights_one:
         torch.testing.assert_close(weights_acc[name], weights_one[name], rtol=1e-4, atol=1e-6, msg=name)
