@@ -8,7 +8,7 @@ from craft_core.config import PRESETS_DIR, PipelineConfig, load_config, load_pre
 
 # The required pipeline presets; every YAML directly in configs/ is a pipeline preset (the retention
 # experiment's own settings live in configs/experiments/).
-PRESETS = ["demo", "smoke", "pi0fast_libero", "pi0fast_aloha"]
+PRESETS = ["demo", "smoke", "pi0fast_libero", "pi0fast_libero_lora", "pi0fast_aloha"]
 ALL_PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
@@ -33,11 +33,14 @@ def test_offline_presets_use_local_assets_and_cpu():
         assert {cfg.cache.device, cfg.train.device, cfg.eval.device} == {"cpu"}
 
 
-def test_gpu_presets_use_hub_pi0fast_base():
-    for name in ("pi0fast_libero", "pi0fast_aloha"):
+def test_gpu_presets_use_hub_pi0fast_checkpoints():
+    # LIBERO: a teacher that already solves the suites to retain (pi0fast-base scores ~0 % there).
+    teachers = {"pi0fast_libero": "lerobot/pi0fast-libero", "pi0fast_libero_lora": "lerobot/pi0fast-libero",
+                "pi0fast_aloha": "lerobot/pi0fast-base"}
+    for name, teacher in teachers.items():
         cfg = load_preset(name)
         assert cfg.assets is None
-        assert cfg.cache.teacher.path == "lerobot/pi0fast-base"
+        assert cfg.cache.teacher.path == teacher
         assert cfg.cache.dataset.root is None and cfg.train.dataset.root is None
         assert cfg.eval.sim, "the real presets evaluate in simulation"
 

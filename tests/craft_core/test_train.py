@@ -289,7 +289,8 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tiny_pi0_fast, pi0_fast_
 
     monkeypatch.setattr(PI0FastPolicy, "forward", forward_with_nan)
     repo_id, root = task_dataset(pusht_datasets)
-    cfg = train_config(repo_id, root, steps=6, save_every=2, max_nonfinite_steps=1)
+    # No memory plan: its activation probe is one more policy forward, which would shift the injected NaNs.
+    cfg = train_config(repo_id, root, steps=6, save_every=2, max_nonfinite_steps=1, check_memory=False)
     with pytest.raises(NonFiniteLossError, match="max_nonfinite_steps=1") as info:
         train(cfg, teacher=PolicySource(path=str(tiny_pi0_fast)), store_url=pi0_fast_store, out_dir=tmp_path)
     assert "2 training steps had a non-finite loss" in str(info.value)

@@ -1,0 +1,51 @@
+"""lerobot's training options through the pipeline, and a train-stage checkpoint under lerobot's own CLI.
+
+The ``smoke`` pipeline (tiny pi0_fast, gym-pusht, every stage for real) with LoRA, gradient
+accumulation, image transforms and a policy option; then ``lerobot-eval`` itself rolls the CRaFT
+run's LoRA checkpoint out for one short pusht episode (through craft's loading context, which the
+tiny policies need: ``craft_core.lerobot_cli``).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_options_through_the_pipeline_and_the_checkpoint_under_lerobot_eval(tmp_path):
+    from craft_core.config import load_preset
+    from craft_core.lerobot_cli import eval_command
+    from craft_core.pipeline import run_pipeline
+
+    cfg = load_preset("smoke", [
+        f"artifacts_root={tmp_path / 'artifacts'}",
+        "train.grad_accum_steps=2",
+        "train.peft={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}",
+        "train.image_transforms={enable: true, max_num_transforms: 1}",
+        "train.policy={n_action_steps: 2}",
+    ])
+    refs = run_pipeline(cfg, log=lambda line: None)
+    craft = refs["train_craft"].result
+    assert craft["grad_accum_steps"] == 2 and craft["peft"] == "lora"
+    assert "memory plan: total" in craft["memory_plan"]
+    checkpoint = Path(craft["checkpoint"])
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["use_peft"] is True and config["n_action_steps"] == 2
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    report = json.loads(Path(refs["report"].result["report_json"]).read_text())
+    assert set(report["sim"]) >= {"baseline", "craft", "teacher"}
+
+    out = tmp_path / "lerobot_eval"
+    command = eval_command(checkpoint, "--env.type=pusht", "--env.episode_length=5", "--eval.n_episodes=1",
+                           "--eval.batch_size=1", "--policy.device=cpu", f"--output_dir={out}")
+    assert command.startswith(f"{sys.executable} -m craft_core.lerobot_cli eval --policy.path=")
+    run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads((out / "eval_info.json").read_text())
+    assert info["overall"]["n_episodes"] == 1
