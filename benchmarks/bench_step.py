@@ -13,6 +13,11 @@ Last stdout line: one JSON object with ``baseline_step_s``, ``craft_step_s_k1`` 
 (mean seconds per step) and their ratios to the baseline. Expected: k5 <= 1.15 x baseline (a
 retention step every 5th step), k1 <= 1.9 x baseline, k5 with action outputs <= 1.25 x baseline.
 
+Two more pairs, each CRaFT (K=5, prefix) against its own baseline with the same setting:
+``lora`` (``train.peft``: LoRA rank 8 on the attention q/v projections; the retention gradient and
+its buffer are adapter-sized) and ``accum2`` (``train.grad_accum_steps: 2``: two micro-batches per
+optimizer step, one retention step per optimizer step): ``ratio_lora_k5``, ``ratio_accum2_k5``.
+
     .venv/bin/python benchmarks/bench_step.py [--rounds 6] [--steps 11]
 """
 
@@ -74,10 +79,16 @@ def main() -> None:
 
     torch.set_num_threads(1)
     load_start = os.getloadavg()[0]
-    # name -> (retention every K steps, targets); None = the baseline.
+    from craft_core.config import PeftSettings
+
+    # name -> (retention every K steps, targets or None for the baseline, other train settings).
     prefix, both = {"prefix": {}}, {"prefix": {}, "action_output": {}}
-    variants = {"baseline_step_s": None, "craft_step_s_k1": (1, prefix), "craft_step_s_k5": (5, prefix),
-                "craft_step_s_k5_action": (5, both)}
+    lora = {"peft": PeftSettings(rank=8, alpha=16, target_modules=["q_proj", "v_proj"])}
+    accum = {"grad_accum_steps": 2}
+    variants = {"baseline_step_s": (1, None, {}), "craft_step_s_k1": (1, prefix, {}), "craft_step_s_k5": (5, prefix, {}),
+                "craft_step_s_k5_action": (5, both, {}),
+                "baseline_lora_step_s": (1, None, lora), "craft_lora_step_s_k5": (5, prefix, lora),
+                "baseline_accum2_step_s": (1, None, accum), "craft_accum2_step_s_k5": (5, prefix, accum)}
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         work = Path(tmp)
         assets = build_assets(work)
@@ -90,17 +101,17 @@ def main() -> None:
             # Rotate the order each round so no variant always runs first (warm caches, load drift).
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
-                variant = variants[name]
+                every_k, targets, extra = variants[name]
                 cfg = TrainConfig(
                     dataset=DatasetSource(repo_id=task["repo_id"], root=str(task["root"])),
                     steps=args.steps, batch_size=args.batch_size, lr=1e-4, device="cpu", seed=0,
-                    save_every=10**6, log_every=10**6,
-                    retention=RetentionConfig(every_k=variant[0], targets=variant[1], anchor_batch_size=args.batch_size)
-                    if variant else None,
+                    save_every=10**6, log_every=10**6, **extra,
+                    retention=RetentionConfig(every_k=every_k, targets=targets, anchor_batch_size=args.batch_size)
+                    if targets else None,
                 )
                 out_dir = work / f"run_{round_index}_{name}"
                 train(cfg, teacher=PolicySource(path=str(assets["teacher"])),
-                      store_url=assets["store"] if variant else None, out_dir=out_dir)
+                      store_url=assets["store"] if targets else None, out_dir=out_dir)
                 records = timed_steps(out_dir / "metrics.jsonl")
                 samples[name] += records
                 round_means[-1][name] = statistics.fmean(r["step_time_s"] for r in records)
@@ -120,10 +131,16 @@ def main() -> None:
         f"paired_ratio_{k}_median": statistics.median(m[f"craft_step_s_{k}"] / m["baseline_step_s"] for m in round_means)
         for k in ("k1", "k5", "k5_action")
     }
+    for setting in ("lora", "accum2"):
+        paired[f"paired_ratio_{setting}_k5_median"] = statistics.median(
+            m[f"craft_{setting}_step_s_k5"] / m[f"baseline_{setting}_step_s"] for m in round_means)
     result.update(
         ratio_k1=result["craft_step_s_k1"] / baseline,
         ratio_k5=result["craft_step_s_k5"] / baseline,
         ratio_k5_action=result["craft_step_s_k5_action"] / baseline,
+        ratio_lora_k5=result["craft_lora_step_s_k5"] / result["baseline_lora_step_s"],
+        ratio_accum2_k5=result["craft_accum2_step_s_k5"] / result["baseline_accum2_step_s"],
+        lora_baseline_vs_full_baseline=result["baseline_lora_step_s"] / baseline,
         k5_within_1_15=result["craft_step_s_k5"] <= 1.15 * baseline,
         k1_within_1_9=result["craft_step_s_k1"] <= 1.9 * baseline,
         k5_action_within_1_25=result["craft_step_s_k5_action"] <= 1.25 * baseline,

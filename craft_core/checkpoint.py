@@ -100,6 +100,10 @@ def save_checkpoint(
         shutil.rmtree(scratch_dir)
     pretrained_dir = scratch_dir / PRETRAINED_MODEL_DIR
     policy.save_pretrained(pretrained_dir)
+    if hasattr(policy, "peft_config"):
+        # As lerobot-train saves PEFT runs: the adapters (adapter_config.json naming the base policy,
+        # adapter_model.safetensors) plus the policy config (use_peft: true) to load them with.
+        policy.config.save_pretrained(pretrained_dir)
     preprocessor.save_pretrained(pretrained_dir)
     postprocessor.save_pretrained(pretrained_dir)
     (pretrained_dir / CRAFT_TRAIN_CONFIG_FILE).write_text(json.dumps(run, indent=2))

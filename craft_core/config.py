@@ -95,6 +95,11 @@ class DatasetSource(StrictModel):
     revision: str | None = None
     episodes: list[int] | None = Field(default=None, description="Restrict to these episodes")
     video_backend: str = "pyav"
+    rename_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="lerobot's rename_map: dataset observation keys -> the policy's (e.g. "
+        "{observation.images.image: observation.images.base_0_rgb}), applied by the policy's preprocessor",
+    )
 
 
 class AssetsConfig(StrictModel):
@@ -184,6 +189,11 @@ class CacheConfig(StrictModel):
         default_factory=lambda: ["vision_token_mean", "text_token_last"], min_length=1
     )
     dtype: Literal["float16", "float32"] = "float16"
+    autocast: Literal["auto", "no", "bf16"] = Field(
+        default="auto",
+        description="Autocast of the teacher's forward: auto = bf16 on CUDA, none on CPU. The store records it "
+        "and the student's retention forward runs under the same",
+    )
     batch_size: int = Field(default=16, ge=1)
     device: str = "auto"
     chunk_anchors: int | None = Field(
@@ -308,12 +318,62 @@ class ReplayConfig(StrictModel):
     )
 
 
+class PeftSettings(StrictModel):
+    """LoRA/PEFT through lerobot's own ``wrap_with_peft`` (lerobot-train's ``--peft.*`` options)."""
+
+    method: str = Field(default="lora", description="A PEFT method type (lora, miss, ...), as lerobot's method_type")
+    rank: int = Field(default=16, ge=1, description="Adapter rank r")
+    alpha: int | None = Field(default=None, ge=1, description="lora_alpha; None = PEFT's default")
+    target_modules: list[str] | str | None = Field(
+        default=None, description="Module names/suffixes or a regex; None = lerobot's per-policy defaults")
+    full_training_modules: list[str] | None = Field(
+        default=None, description="Modules trained in full beside the adapters (PEFT's modules_to_save); None = "
+        "lerobot's per-policy default")
+    init_type: str | None = None
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        from peft import PeftType
+
+        if method.upper() not in PeftType.__members__:
+            raise ValueError(f"method={method!r} is not a PEFT method; choose one of "
+                             f"{sorted(m.lower() for m in PeftType.__members__)}")
+        return method.lower()
+
+    def lerobot_overrides(self) -> dict:
+        """The ``peft_cli_overrides`` lerobot's ``wrap_with_peft`` takes (its PeftConfig field names)."""
+        return {"method_type": self.method, "r": self.rank, "lora_alpha": self.alpha,
+                "target_modules": self.target_modules, "full_training_modules": self.full_training_modules,
+                "init_type": self.init_type}
+
+
 class TrainConfig(StrictModel):
     """Stage 2: fine-tune the student (initialised from the teacher) on the new task."""
 
     dataset: DatasetSource
-    steps: int = Field(default=1000, ge=1)
-    batch_size: int = Field(default=8, ge=1)
+    steps: int = Field(default=1000, ge=1, description="Optimizer steps")
+    batch_size: int = Field(default=8, ge=1, description="Samples per micro-batch (per process)")
+    grad_accum_steps: int = Field(
+        default=1, ge=1,
+        description="Micro-batches per optimizer step (effective batch = batch_size x grad_accum_steps x processes); "
+        "the retention step, λ and the lr schedule act once per optimizer step",
+    )
+    policy: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fields of the lerobot policy config (e.g. freeze_vision_encoder, train_expert_only, chunk_size, "
+        "n_action_steps, gradient_checkpointing, empty_cameras), checked against the policy type's config class; "
+        "the teacher is loaded with them too, so anchors and student agree",
+    )
+    peft: PeftSettings | None = Field(
+        default=None, description="LoRA/PEFT adapters through lerobot's PEFT support; retention then acts on the "
+        "adapter parameters only")
+    image_transforms: dict[str, Any] | None = Field(
+        default=None, description="lerobot's ImageTransformsConfig (enable, max_num_transforms, random_order, tfs) "
+        "for the task frames; anchors are never augmented")
+    check_memory: bool = Field(
+        default=True, description="Plan memory at start-up (weights, gradients, optimizer, retention buffer, "
+        "activations) and on CUDA refuse a run that cannot fit the device")
     lr: float | None = Field(default=None, gt=0.0, description="Override the policy preset's learning rate")
     weight_decay: float | None = Field(default=None, ge=0.0)
     grad_clip_norm: float | None = Field(default=None, gt=0.0)
@@ -339,6 +399,14 @@ class TrainConfig(StrictModel):
         default_factory=RetentionConfig,
         description="CRaFT's retention settings; null = plain fine-tuning (the baseline): the one retention switch",
     )
+
+    @field_validator("image_transforms")
+    @classmethod
+    def _lerobot_image_transforms(cls, value: dict | None) -> dict | None:
+        from craft_core.policy_options import image_transforms_config
+
+        image_transforms_config(value)  # raises naming the field
+        return value
 
 
 RUN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -487,6 +555,7 @@ class PipelineConfig(StrictModel):
             retaining = [name for name, run in self.runs.items() if run.retention]
             raise ValueError(f"runs {retaining} use retention but train.retention is null; configure it "
                              "or set retention: false for those runs")
+        self._check_policy_options()
         cached = set(self.cache.targets)
         retention_targets = (self.train.retention.targets or {}) if self.train.retention else {}
         wanted = {"train.retention.targets": list(retention_targets)}
@@ -497,6 +566,25 @@ class PipelineConfig(StrictModel):
                 raise ValueError(f"{field} names {missing}, which cache.targets {sorted(cached)} does not hold; "
                                  f"add them to cache.targets")
         return self
+
+    def _check_policy_options(self) -> None:
+        """``train.policy`` against the teacher's lerobot config class, when its type is known offline
+        (the assets' policy type or a local folder); a hub teacher's are checked when it is loaded."""
+        if not self.train.policy:
+            return
+        from craft_core.policy_options import PolicyOptionError, validate_policy_options
+
+        policy_type = None
+        teacher = self.cache.teacher.path
+        if teacher.startswith("${assets}") and self.assets is not None:
+            policy_type = self.assets.policy_type
+        elif (Path(teacher).expanduser() / "config.json").is_file():
+            policy_type = json.loads((Path(teacher).expanduser() / "config.json").read_text()).get("type")
+        if policy_type is not None:
+            try:
+                validate_policy_options(policy_type, self.train.policy)
+            except PolicyOptionError as exc:
+                raise ValueError(str(exc)) from None
 
     def run_train_config(self, run: str) -> TrainConfig:
         """``train`` as run ``run`` trains: retention off for a baseline run, its own targets otherwise,

@@ -196,12 +196,20 @@ def anchor_statistics(cfg: CacheConfig, dataset, normalization: str, task_datase
     return fine_tuning_stats(normalization, task_dataset=task_dataset, anchor_dataset=cfg.dataset), normalization
 
 
-def _load_teacher(cfg: CacheConfig, stats: dict | None, device: torch.device):
+def _load_teacher(cfg: CacheConfig, stats: dict | None, device: torch.device, policy_options: dict | None = None):
     from craft_core.policy_io import load_policy, make_processors
 
-    policy = load_policy(cfg.teacher, device=device)
-    preprocessor, _ = make_processors(policy, pretrained_path=cfg.teacher.path, dataset_stats=stats)
+    policy = load_policy(cfg.teacher, device=device, options=policy_options)
+    preprocessor, _ = make_processors(policy, pretrained_path=cfg.teacher.path, dataset_stats=stats,
+                                      rename_map=cfg.dataset.rename_map)
     return policy, preprocessor
+
+
+def extraction_autocast(cfg: CacheConfig, device: torch.device) -> str | None:
+    """The autocast dtype name of the teacher's forward (``cache.autocast``), None for none."""
+    if cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda"):
+        return "bfloat16"
+    return None
 
 
 def extract_anchors(
@@ -212,8 +220,13 @@ def extract_anchors(
     shard: tuple[int, int] | None = None,
     normalization: str = "task",
     task_dataset: DatasetSource | None = None,
+    policy_options: dict | None = None,
 ) -> dict:
     """Write the anchor store at ``store_url`` (resuming it if present); returns the StoreInfo dict.
+
+    ``policy_options`` (``train.policy``) are set on the teacher's lerobot config too, so anchors are
+    made by the policy the student will be; settings under which anchoring cannot constrain
+    anything (prefix anchoring with the VLM frozen) are refused here, before any extraction.
 
     ``normalization`` (``train.normalization`` of the pipeline: task, teacher or union) and
     ``task_dataset`` choose the statistics the anchors are normalised with (``anchor_statistics``);
@@ -230,7 +243,10 @@ def extract_anchors(
     dataset = _load_dataset(cfg)
     selection = select_anchors(dataset, cfg)
     stats, stats_name = anchor_statistics(cfg, dataset, normalization, task_dataset)
-    policy, preprocessor = _load_teacher(cfg, stats, device)
+    policy, preprocessor = _load_teacher(cfg, stats, device, policy_options)
+    from craft_core.policy_options import check_anchoring
+
+    check_anchoring(policy.config, cfg.targets)
     adapter = get_adapter(policy)
     try:
         adapter.check_targets(cfg.targets)
@@ -238,8 +254,8 @@ def extract_anchors(
     except ValueError as exc:
         field = "cache.targets" if "target" in str(exc) else "cache.layers"
         raise ValueError(f"{field}: {exc}") from None
-    autocast = device.type == "cuda"
-    compute = {"device_type": device.type, "autocast": "bfloat16" if autocast else None}
+    autocast = extraction_autocast(cfg, device)
+    compute = {"device_type": device.type, "autocast": autocast}
     request = TargetRequest(
         targets=tuple(cfg.targets), layers=tuple(layers), pooling=tuple(cfg.pooling),
         top_k=cfg.action_output.top_k, flow_steps=cfg.action_output.flow_steps, dtype=cfg.dtype, noise_seed=cfg.seed,
@@ -312,7 +328,7 @@ def extract_anchors(
             rate = (done - resumed_at) / max(time.perf_counter() - started, 1e-9)
             progress(done, total, {"block": written_block, "anchors_per_s": rate})
 
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    amp = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
     # One writer thread: block b is compressed and written while block b+1 is computed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchor-store-writer") as io:
         with torch.inference_mode(), amp:
@@ -354,17 +370,19 @@ DRIFT_STORES_DIR = "drift_sets"
 
 def cache_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSource | None,
                 drift_sets: list[DriftSetConfig], upstream: dict[str, dict], out_dir: Path,
-                progress: Progress | None = None) -> dict:
+                progress: Progress | None = None, policy_options: dict | None = None) -> dict:
     """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr``, plus one evaluation-only
     store per ``eval.drift_sets`` entry (``<out_dir>/drift_sets/<name>.zarr``: the same teacher, targets,
     layers and statistics on other frames, e.g. held-out episodes); returns the StoreInfo."""
     url = str(Path(out_dir) / STORE_NAME)
-    info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset)
+    info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset,
+                           policy_options=policy_options)
     drift_stores = {}
     for drift_set in drift_sets:
         drift_url = str(Path(out_dir) / DRIFT_STORES_DIR / f"{drift_set.name}.zarr")
         extract_anchors(cfg.model_copy(update={"dataset": drift_set.dataset, "n_anchors": drift_set.n_anchors,
                                                "heldout_fraction": 0.0, "prompts": None, "frame_stride": 1}),
-                        drift_url, normalization=normalization, task_dataset=task_dataset)
+                        drift_url, normalization=normalization, task_dataset=task_dataset,
+                        policy_options=policy_options)
         drift_stores[drift_set.name] = drift_url
     return {**info, "store_url": url, "drift_stores": drift_stores}

@@ -35,6 +35,7 @@ Loading a teacher (frozen) and building a student (trainable copy) — the patte
         student = make_policy(cfg, ds_meta=meta)
 """
 
+import copy
 import functools
 import json
 import math
@@ -212,28 +213,84 @@ def load_policy(
     ds_meta=None,
     device: str | torch.device = "cpu",
     trainable: bool = False,
+    options: dict | None = None,
+    rename_map: dict[str, str] | None = None,
 ):
     """Load a pretrained lerobot policy (hub id or local folder) onto ``device``.
 
     Goes through ``load_policy_config`` (hub ids materialised at their revision), then with
-    ``ds_meta`` through lerobot's ``make_policy(cfg, ds_meta=...)`` (output features from the
-    dataset, as lerobot_train does), without through the policy class's ``from_pretrained``.
-    Returns the policy in eval mode with gradients off unless ``trainable``.
+    ``ds_meta`` through lerobot's ``make_policy(cfg, ds_meta=..., rename_map=...)`` (output
+    features from the dataset, as lerobot_train does), without through the policy class's
+    ``from_pretrained``. ``options`` (``train.policy``) set fields of the lerobot config first.
+    Returns the policy in eval mode with gradients off unless ``trainable``. A trainable policy
+    whose config freezes something (``train_expert_only``, ``freeze_vision_encoder``) keeps
+    lerobot's own freezing, as lerobot-train does; otherwise every parameter trains.
+
+    A PEFT checkpoint (``use_peft`` in its config, ``adapter_config.json`` beside it: what a
+    ``train.peft`` run saves, as lerobot saves PEFT runs) is its base policy plus the adapters:
+    trainable it comes back as the ``PeftModel`` (resume), frozen with the adapters merged into a
+    plain policy (evaluation).
     """
     from lerobot.policies.factory import get_policy_class, make_policy
 
+    from craft_core.policy_options import apply_policy_options, freezes_anything
+
     cfg = load_policy_config(source)
+    apply_policy_options(cfg, options)
     folder = Path(cfg.pretrained_path)
     cfg.device = str(device)
+    if getattr(cfg, "use_peft", False):
+        return _load_peft_checkpoint(cfg, folder, ds_meta=ds_meta, device=device, trainable=trainable,
+                                     rename_map=rename_map)
     with policy_loading_context(folder):
         if ds_meta is not None:
-            policy = make_policy(cfg, ds_meta=ds_meta)
+            policy = make_policy(cfg, ds_meta=ds_meta, rename_map=rename_map or None)
         else:
             policy = get_policy_class(cfg.type).from_pretrained(str(folder), config=cfg)
     policy.to(device)
     _check_weights_loaded(policy, folder)
     policy.train(trainable)
-    policy.requires_grad_(trainable)
+    if not trainable:
+        policy.requires_grad_(False)
+    elif not freezes_anything(policy.config):
+        policy.requires_grad_(True)
+    return policy
+
+
+def _load_peft_checkpoint(cfg, folder: Path, *, ds_meta, device, trainable: bool, rename_map=None):
+    """The base policy named by the adapter config, with the adapters of ``folder`` on top."""
+    from peft import PeftConfig, PeftModel
+
+    adapter_cfg = PeftConfig.from_pretrained(str(folder))
+    base_path = adapter_cfg.base_model_name_or_path
+    if not base_path:
+        raise PolicyLoadError(f"PEFT checkpoint {folder}: adapter_config.json names no base policy "
+                              "(base_model_name_or_path)")
+    base_folder = Path(load_policy_config(PolicySource(path=base_path, revision=adapter_cfg.revision)).pretrained_path)
+    # The fine-tuned run's settings (train.policy options, features) with the base's weights.
+    base_cfg = copy.copy(cfg)
+    base_cfg.pretrained_path = str(base_folder)
+    base_cfg.use_peft = False
+    base_cfg.device = str(device)
+    from lerobot.policies.factory import get_policy_class, make_policy
+
+    with policy_loading_context(base_folder):
+        if ds_meta is not None:
+            base = make_policy(base_cfg, ds_meta=ds_meta, rename_map=rename_map or None)
+        else:
+            base = get_policy_class(base_cfg.type).from_pretrained(str(base_folder), config=base_cfg)
+    base.to(device)
+    _check_weights_loaded(base, base_folder)
+    model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
+    model.to(device)
+    if trainable:
+        model.train(True)
+        return model
+    policy = model.merge_and_unload()
+    policy.config.use_peft = False
+    policy.config.pretrained_path = str(folder)
+    policy.eval()
+    policy.requires_grad_(False)
     return policy
 
 
@@ -254,6 +311,8 @@ def _check_weights_loaded(policy: torch.nn.Module, folder: Path) -> None:
     from safetensors import safe_open
 
     weights = folder / "model.safetensors"
+    if not weights.is_file() and (folder / "adapter_config.json").is_file():
+        return  # a PEFT checkpoint: its base's weights were checked when the base was loaded
     if not weights.is_file():
         raise PolicyLoadError(f"policy folder {folder} has no model.safetensors; it holds no trained weights")
     state = policy.state_dict()
@@ -275,19 +334,23 @@ def _check_weights_loaded(policy: torch.nn.Module, folder: Path) -> None:
                 )
 
 
-def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_path: str | Path | None = None):
+def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_path: str | Path | None = None,
+                    rename_map: dict[str, str] | None = None):
     """The policy's (preprocessor, postprocessor) through lerobot's ``make_pre_post_processors``.
 
     With ``pretrained_path`` the saved pipelines are loaded (as lerobot_eval / lerobot_train do),
     on the policy's device and features; ``dataset_stats``, when given, replaces the saved
     normalisation statistics (lerobot_train does the same when fine-tuning on a new dataset).
     Without it, fresh pipelines are built from the policy config and ``dataset_stats``.
+    ``rename_map`` (lerobot's) renames dataset observation keys to the policy's in the preprocessor.
     """
     from lerobot.policies.factory import make_pre_post_processors
 
     cfg = policy.config
     device = str(next(policy.parameters()).device)
     if pretrained_path is None:
+        if rename_map:
+            raise ValueError("make_processors: rename_map needs the saved pipelines (pretrained_path)")
         if dataset_stats is None:
             raise ValueError(
                 "make_processors needs dataset_stats (to build fresh processors) or pretrained_path (to load the "
@@ -311,6 +374,8 @@ def make_processors(policy, *, dataset_stats: dict | None = None, pretrained_pat
     post_overrides: dict[str, dict] = {
         "unnormalizer_processor": {"features": cfg.output_features, "norm_map": cfg.normalization_mapping},
     }
+    if rename_map:
+        pre_overrides["rename_observations_processor"] = {"rename_map": dict(rename_map)}
     if dataset_stats is not None:
         pre_overrides["normalizer_processor"]["stats"] = dataset_stats
         post_overrides["unnormalizer_processor"]["stats"] = dataset_stats

@@ -9,6 +9,7 @@ adapter request that computes every target's loss from one forward over the anch
 ignored (the first CRaFT tool fell back to baseline training).
 """
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,8 +81,13 @@ class TargetDual:
 class Retention:
     """Anchors, the constrained targets with their λ_t and ε_t, and the merge settings of one CRaFT run."""
 
-    def __init__(self, cfg: RetentionConfig, anchors: Anchors, adapter, request: TargetRequest, *, total_steps: int):
+    def __init__(self, cfg: RetentionConfig, anchors: Anchors, adapter, request: TargetRequest, *, total_steps: int,
+                 autocast: str | None = None):
         self.cfg = cfg
+        # The autocast dtype the teacher's targets were extracted under (the store's compute.autocast):
+        # the student's retention forward runs under the same, or a copy of the teacher would not
+        # reproduce them (fp32 student vs bf16 teacher) and the keystone invariant would break.
+        self.autocast = autocast
         self.anchors = anchors
         self.adapter = adapter
         self.request = request
@@ -123,7 +129,14 @@ class Retention:
             self._batches = self.anchors.batches(start=self.batches_done)
         inputs, targets = next(self._batches)
         self.batches_done += 1
-        return self.adapter.retention_losses(inputs, targets, self.request)
+        with self.amp():
+            return self.adapter.retention_losses(inputs, targets, self.request)
+
+    def amp(self):
+        """The extraction's autocast on the student's device (a no-op for a store extracted without one)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.adapter.device.type, dtype=getattr(torch, self.autocast))
 
     def dual_step(self, losses: dict[str, float], step: int) -> None:
         """λ_t <- clip(λ_t + η_t (L_t - ε_t(step)), 0, λ_max_t) for every target."""
@@ -174,7 +187,8 @@ def open_retention(cfg: RetentionConfig, store_url: str, *, adapter, teacher: Po
     request = store.request(targets, prefix_loss=cfg.constraint("prefix").loss)
     anchors = Anchors(store_url, targets=targets, batch_size=cfg.anchor_batch_size, seed=seed, rank=rank,
                       world_size=world_size, shuffle_window_chunks=cfg.shuffle_window_chunks)
-    return Retention(cfg, anchors, adapter, request, total_steps=total_steps)
+    autocast = (store.attrs.get("compute") or {}).get("autocast")
+    return Retention(cfg, anchors, adapter, request, total_steps=total_steps, autocast=autocast)
 
 
 def _same_policy_source(stored: dict, teacher: PolicySource) -> bool:

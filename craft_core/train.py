@@ -18,6 +18,7 @@ Every other step is a plain task step. ``cfg.retention`` is the one switch: ``No
 baseline.
 """
 
+import contextlib
 import json
 import math
 import time
@@ -34,7 +35,9 @@ from craft_core.checkpoint import (
     pretrained_model_dir,
     save_checkpoint,
 )
-from craft_core.config import DatasetSource, PolicySource, TrainConfig, semantic
+from craft_core.config import DatasetSource, PeftSettings, PolicySource, TrainConfig, semantic
+from craft_core.memory_plan import check_fits_device
+from craft_core.policy_options import check_anchoring, check_trainable_prefix
 from craft_core.devices import resolve_device
 from craft_core.distributed import all_reduce_gradients_, mean_across_ranks
 from craft_core.metrics import MetricsLog, plot_training
@@ -98,15 +101,30 @@ def retention_step(retention: Retention, params: list[torch.nn.Parameter],
     return values, surgery
 
 
-def update_policy(policy, batch: dict, *, step: int, optimizer, lr_scheduler, accelerator,
+def update_policy(policy, batches: dict | list[dict], *, step: int, optimizer, lr_scheduler, accelerator,
                   params: list[torch.nn.Parameter], grad_clip_norm: float, retention: Retention | None) -> StepStats:
-    """One training step, as lerobot's ``update_policy`` plus CRaFT's retention step every K steps."""
+    """One optimizer step, as lerobot's ``update_policy`` plus CRaFT's retention step every K steps.
+
+    ``batches`` is one batch or the ``train.grad_accum_steps`` micro-batches of this step: each
+    micro-batch's loss is scaled by 1/N and backpropagated (gradients synchronised across ranks on
+    the last one only), so ``.grad`` holds the mean task gradient over the micro-batches. The
+    retention gradient is then computed once and merged with that accumulated gradient, and λ is
+    updated once: accumulating N micro-batches of b is one step on a batch of N·b (exactly, for a
+    loss that is a mean over equally sized micro-batches).
+    """
     from lerobot.utils.utils import has_method
 
-    with accelerator.autocast():
-        task_loss, _ = policy(batch)
-    accelerator.backward(task_loss)
-    stats = StepStats(task_loss=mean_across_ranks(task_loss.item()), grad_norm=float("nan"))
+    batches = [batches] if isinstance(batches, dict) else list(batches)
+    losses = []
+    for index, batch in enumerate(batches):
+        last = index == len(batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+            with accelerator.autocast():
+                task_loss, _ = policy(batch)
+            accelerator.backward(task_loss / len(batches))
+        losses.append(task_loss.item())
+        del task_loss
+    stats = StepStats(task_loss=mean_across_ranks(sum(losses) / len(losses)), grad_norm=float("nan"))
 
     is_retention_step = retention is not None and retention.is_retention_step(step)
     if is_retention_step:
@@ -233,6 +251,48 @@ def _task_dataloader(cfg: TrainConfig, dataset, policy, *, pin_memory: bool, rep
     return sampler, dataloader
 
 
+def base_policy(policy):
+    """The lerobot policy inside a PEFT wrapper (adapters injected in place), or ``policy`` itself."""
+    return policy.get_base_model() if hasattr(policy, "get_base_model") and hasattr(policy, "peft_config") else policy
+
+
+def wrap_with_peft(policy, peft: PeftSettings, teacher: PolicySource):
+    """lerobot's own ``wrap_with_peft`` (its per-policy default targets), the base recorded as the teacher's
+    source (hub id and revision, or folder) so lerobot's loaders find it again."""
+    model = policy.wrap_with_peft(peft_cli_overrides=peft.lerobot_overrides())
+    for adapter_cfg in model.peft_config.values():
+        local = Path(teacher.path).expanduser()
+        adapter_cfg.base_model_name_or_path = str(local.absolute()) if local.exists() else teacher.path
+        adapter_cfg.revision = teacher.revision
+    return model
+
+
+def _image_transforms(cfg: TrainConfig):
+    from lerobot.transforms.transforms import ImageTransforms
+
+    from craft_core.policy_options import image_transforms_config
+
+    settings = image_transforms_config(cfg.image_transforms)
+    return ImageTransforms(settings) if settings is not None and settings.enable else None
+
+
+def _memory_plan(cfg: TrainConfig, policy, dataset, preprocessor, *, retention: bool):
+    """The run's memory plan, activations probed on one task frame (RNG state left as it was)."""
+    from craft_core.memory_plan import plan_memory
+
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        probe = preprocessor(torch.utils.data.default_collate([dataset[0]]))
+        plan = plan_memory(base_policy(policy), batch_size=cfg.batch_size, precision=cfg.mixed_precision,
+                           peft=cfg.peft, retention=retention, batch=probe)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+    return plan
+
+
 # --------------------------------------------------------------------------------------------
 # The loop.
 # --------------------------------------------------------------------------------------------
@@ -286,10 +346,14 @@ def train(
     ds = cfg.dataset
     ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
     source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
-    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device), trainable=True)
+    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device), trainable=True,
+                         options=cfg.policy if not resume_from else None, rename_map=ds.rename_map)
+    if cfg.peft is not None and not resume_from:
+        policy = wrap_with_peft(policy, cfg.peft, teacher)
     # The statistics the checkpoint will be deployed with (train.normalization); a resumed run keeps its own.
     stats = None if resume_from else fine_tuning_stats(cfg.normalization, task_dataset=ds, anchor_dataset=anchor_dataset)
-    preprocessor, postprocessor = make_processors(policy, dataset_stats=stats, pretrained_path=source.path)
+    preprocessor, postprocessor = make_processors(policy, dataset_stats=stats, pretrained_path=source.path,
+                                                  rename_map=ds.rename_map)
     if not resume_from:
         far = check_task_fits_statistics(preprocessor, ds_meta.stats, cfg.normalization)
         if far and is_main:
@@ -297,7 +361,7 @@ def train(
                   f"({', '.join(far[:4])} scale units; train.normalization={cfg.normalization})", flush=True)
     dataset = LeRobotDataset(ds.repo_id, root=ds.root, episodes=ds.episodes, revision=ds.revision,
                              delta_timestamps=resolve_delta_timestamps(policy.config, ds_meta),
-                             video_backend=ds.video_backend)
+                             image_transforms=_image_transforms(cfg), video_backend=ds.video_backend)
     replay_dataset = None
     if cfg.replay is not None:  # old frames mixed into the task batches (a reference that uses old data)
         from craft_core.replay import check_compatible
@@ -312,10 +376,19 @@ def train(
     # Retention: validate the anchor store against the student before anything trains.
     retention = None
     if cfg.retention is not None:
-        retention = open_retention(cfg.retention, store_url, adapter=get_adapter(policy), teacher=teacher,
+        retention = open_retention(cfg.retention, store_url, adapter=get_adapter(base_policy(policy)), teacher=teacher,
                                    seed=cfg.seed, total_steps=cfg.steps, rank=accelerator.process_index,
                                    world_size=accelerator.num_processes)
+        check_anchoring(base_policy(policy).config, retention.targets)
+        check_trainable_prefix(base_policy(policy), retention.targets)
     cache_type = retention.cache_type if retention else None
+
+    memory = None
+    if cfg.check_memory:
+        memory = _memory_plan(cfg, policy, dataset, preprocessor, retention=retention is not None)
+        if is_main:
+            print(f"[craft train] {role}: {memory.summary()}", flush=True)
+        check_fits_device(memory, accelerator.device)
 
     optimizer_settings = _OptimizerSettings(cfg, policy)
     optimizer, lr_scheduler = make_optimizer_and_scheduler(optimizer_settings, policy)
@@ -352,8 +425,8 @@ def train(
             step_start = time.perf_counter()
             epsilons = retention.epsilons(step) if retention else {}
             lr = optimizer.param_groups[0]["lr"]
-            batch = preprocessor(next(data_iter))
-            stats = update_policy(policy, batch, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler,
+            batches = [preprocessor(next(data_iter)) for _ in range(cfg.grad_accum_steps)]
+            stats = update_policy(policy, batches, step=step, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                   accelerator=accelerator, params=params, grad_clip_norm=grad_clip_norm,
                                   retention=retention)
             if stats.good:
@@ -373,7 +446,7 @@ def train(
                 "grad_norm": stats.grad_norm,
                 "lr": lr,
                 "step_time_s": step_time,
-                "samples_per_s": cfg.batch_size * accelerator.num_processes / step_time,
+                "samples_per_s": cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes / step_time,
                 "cache_type": cache_type,
                 "retention_step": stats.retention_loss is not None,
                 "skipped_nonfinite": not stats.good,
@@ -441,6 +514,10 @@ def train(
         "skipped_nonfinite_steps": skipped_nonfinite,
         "wall_time_s": time.time() - wall_start,
         "num_processes": accelerator.num_processes,
+        "grad_accum_steps": cfg.grad_accum_steps,
+        "peft": cfg.peft.method if cfg.peft is not None else None,
+        "memory_plan": memory.summary() if memory is not None else None,
+        "memory_plan_bytes": memory.as_dict() if memory is not None else None,
     }
     if is_main:
         plot_training(metrics_path, plot_path, title=role)

@@ -141,8 +141,11 @@ def stage_slices(cfg: PipelineConfig) -> list[tuple[str, str, dict[str, Any], li
     # The anchors are normalised with the statistics the fine-tuned students are saved with.
     normalization = cfg.train.normalization
     union = normalization == "union"
-    add("cache", "cache", {"cache": cfg.cache, "normalization": normalization,
-                           "task_dataset": cfg.train.dataset if union else None, "drift_sets": cfg.eval.drift_sets}, [])
+    cache_slice = {"cache": cfg.cache, "normalization": normalization,
+                   "task_dataset": cfg.train.dataset if union else None, "drift_sets": cfg.eval.drift_sets}
+    if cfg.train.policy:  # the teacher is loaded with the student's lerobot options (only when set)
+        cache_slice["policy_options"] = cfg.train.policy
+    add("cache", "cache", cache_slice, [])
     teacher = cfg.cache.teacher
     for run in cfg.runs:
         train = cfg.run_train_config(run)
