@@ -334,6 +334,7 @@ def layout_bytes(policy_type: str, work: Path, targets: list[str], layers: list[
     features = dataset_to_policy_features(ds_meta.features)
     cfg.output_features = {k: f for k, f in features.items() if k == "action"}
     cfg.input_features = {k: f for k, f in features.items() if k != "action"}
+    cfg.device = "meta"  # the PaliGemma policies move their model to config.device in __init__
     with torch.device("meta"):
         policy = get_policy_class(policy_type)(cfg)
     adapter = get_adapter(policy)
@@ -374,13 +375,21 @@ def run_policy(policy_type: str, args) -> dict:
     n_frames = max(4, args.anchors + 2)
     ds_root = work / "dataset"
     ds_meta = write_dataset(ds_root, n_frames) if not ds_root.exists() else LeRobotDatasetMetadata("bench/fullsize", root=ds_root)
-    cfg = real_config(policy_type, work / policy_type, compute_dtype)
     result["rss_before_model_gib"] = gib(_status_bytes("VmRSS"))
-
     start = time.perf_counter()
-    with processors_context(policy_type):
-        policy = make_policy(cfg, ds_meta=ds_meta)
-        preprocessor, _ = make_pre_post_processors(cfg, dataset_stats=ds_meta.stats)
+    if args.tiny_smoke:  # the same code path on craft's tiny offline policy (a check that it runs, not a figure)
+        from craft_core.demo.tiny import build_tiny_policy
+        from craft_core.policy_io import load_policy, make_processors
+
+        folder = build_tiny_policy(policy_type, work / policy_type / "tiny", ds_meta=ds_meta, extra_texts=[TASK])
+        policy = load_policy(folder, ds_meta=ds_meta)
+        preprocessor, _ = make_processors(policy, dataset_stats=ds_meta.stats, pretrained_path=folder)
+        cfg = policy.config
+    else:
+        cfg = real_config(policy_type, work / policy_type, compute_dtype)
+        with processors_context(policy_type):
+            policy = make_policy(cfg, ds_meta=ds_meta)
+            preprocessor, _ = make_pre_post_processors(cfg, dataset_stats=ds_meta.stats)
     result["build_s"] = round(time.perf_counter() - start, 1)
     policy.eval().requires_grad_(False)
     result["params_total"] = sum(p.numel() for p in policy.parameters())
@@ -394,7 +403,10 @@ def run_policy(policy_type: str, args) -> dict:
 
     # The teacher "folder": its config (the store records and checks the teacher's identity).
     teacher_dir = work / policy_type / "teacher"
-    cfg._save_pretrained(teacher_dir)
+    if args.tiny_smoke:
+        teacher_dir = folder
+    else:
+        cfg._save_pretrained(teacher_dir)
     teacher = PolicySource(path=str(teacher_dir))
 
     # --- cache: one anchor batch through the cache stage's code --------------------------------
@@ -494,6 +506,8 @@ def main() -> None:
     parser.add_argument("--no-lora", dest="lora", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layout-types", nargs="*", default=["pi0_fast", "pi0", "pi05", "smolvla"])
+    parser.add_argument("--tiny-smoke", action="store_true",
+                        help="run the same code on craft's tiny policies (checks the benchmark runs; no real-size figure)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -524,7 +538,8 @@ def main() -> None:
             child_work.mkdir()
             command = [sys.executable, __file__, "--child", policy_type, "--workdir", str(child_work),
                        "--anchors", str(args.anchors), "--dtype", args.dtype, "--threads", str(args.threads),
-                       "--targets", *args.targets] + ([] if args.lora else ["--no-lora"])
+                       "--targets", *args.targets] + ([] if args.lora else ["--no-lora"]) + (
+                           ["--tiny-smoke"] if args.tiny_smoke else [])
             t0 = time.perf_counter()
             proc = subprocess.run(command, capture_output=True, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("CHILD_RESULT ")]
@@ -536,7 +551,7 @@ def main() -> None:
             print(json.dumps(run), file=sys.stderr, flush=True)
             runs.append(run)
     summary["policies"] = runs
-    summary.update(anchors=args.anchors, lora_rank=LORA_RANK if args.lora else None, targets=args.targets,
+    summary.update(tiny_smoke=args.tiny_smoke, anchors=args.anchors, lora_rank=LORA_RANK if args.lora else None, targets=args.targets,
                    torch_threads=args.threads, wall_s=round(time.perf_counter() - started, 1),
                    load_average_1min_start=load_start, load_average_1min_end=os.getloadavg()[0])
     print(json.dumps(summary))

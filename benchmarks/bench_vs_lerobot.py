@@ -30,7 +30,8 @@ optimizer they agree to float precision).
 Last stdout line: one JSON object with ``*_step_s`` (median seconds per step: for CRaFT at K=5 that
 is a plain step), ``*_step_mean_s`` (mean, retention steps included), ``*_retention_step_s``,
 ``ratio_*`` / ``ratio_mean_*`` (to lerobot's), ``paired_ratio_*_median`` (per-round ratio, median
-over rounds) and ``craft_vs_lerobot_within_1_05`` (craft's baseline median step ≤ 1.05 × lerobot's).
+over rounds) and ``craft_vs_lerobot_within_1_05`` (the paired ratio of craft's baseline to lerobot's
+≤ 1.05; pooled medians are reported too, but on a shared machine they mix rounds of different load).
 
     .venv/bin/python benchmarks/bench_vs_lerobot.py [--rounds 5] [--steps 12] [--batch-size 4]
 """
@@ -299,7 +300,9 @@ def main() -> None:
         # Paired within a round (same minutes of machine load), then the median over rounds.
         result[f"paired_ratio_{name}_median"] = statistics.median(m[name] / m["lerobot"] for m in round_medians)
     result.update(
-        craft_vs_lerobot_within_1_05=result["ratio_craft"] <= 1.05,
+        # The verdict uses the paired ratio: on a shared machine, load drifts between rounds far more
+        # than within one (pooled medians mix rounds of different load).
+        craft_vs_lerobot_within_1_05=result["paired_ratio_craft_median"] <= 1.05,
         max_abs_loss_gap_lerobot_vs_craft=max(loss_gaps),
         **extra,
         policy="pi0_fast (tiny)", batch_size=args.batch_size, steps_per_run=args.steps,
