@@ -60,6 +60,9 @@ CAMERAS = ("observation.images.base_0_rgb", "observation.images.left_wrist_0_rgb
 STATE_DIM, ACTION_DIM, IMAGE_SIZE = 8, 7, 224
 TASK = "pick up the red block and put it in the box"
 LORA_RANK = 16
+# Attention query/value projections of every transformer (VLM, vision tower, action expert): pi0_fast
+# has no lerobot default targets, and pi0's defaults (expert only) would leave the prefix unanchorable.
+LORA_TARGETS = ["q_proj", "v_proj"]
 
 # SmolVLM2-500M-Video-Instruct (smolvla_base's backbone, lerobot's default vlm_model_name): the
 # sizes of its published config.json, written locally because the hub is not reachable.
@@ -447,6 +450,8 @@ def run_policy(policy_type: str, args) -> dict:
     result["store_arrays"] = arrays
     result["store_per_target"] = per_target(arrays)
 
+    print("CHILD_PARTIAL " + json.dumps(result), flush=True)  # the cache half, should the step not finish
+
     # --- train: one CRaFT retention step on LoRA adapters ---------------------------------------
     from accelerate import Accelerator
     from lerobot.optim.factory import make_optimizer_and_scheduler
@@ -454,7 +459,7 @@ def run_policy(policy_type: str, args) -> dict:
     from craft_core.train import _OptimizerSettings, base_policy, update_policy, wrap_with_peft
 
     train_cfg = TrainConfig(dataset=cache_cfg.dataset, steps=1, batch_size=1, device="cpu", seed=0,
-                            peft=PeftSettings(rank=LORA_RANK) if args.lora else None,
+                            peft=PeftSettings(rank=LORA_RANK, target_modules=LORA_TARGETS) if args.lora else None,
                             retention=RetentionConfig(every_k=1, targets={t: {} for t in targets}, anchor_batch_size=1))
     policy.train()
     if args.lora:
@@ -551,7 +556,8 @@ def main() -> None:
             print(json.dumps(run), file=sys.stderr, flush=True)
             runs.append(run)
     summary["policies"] = runs
-    summary.update(tiny_smoke=args.tiny_smoke, anchors=args.anchors, lora_rank=LORA_RANK if args.lora else None, targets=args.targets,
+    summary.update(tiny_smoke=args.tiny_smoke, anchors=args.anchors, lora_rank=LORA_RANK if args.lora else None,
+                   lora_targets=LORA_TARGETS if args.lora else None, targets=args.targets,
                    torch_threads=args.threads, wall_s=round(time.perf_counter() - started, 1),
                    load_average_1min_start=load_start, load_average_1min_end=os.getloadavg()[0])
     print(json.dumps(summary))
