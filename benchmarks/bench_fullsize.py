@@ -32,10 +32,18 @@ Precision: ``--dtype auto`` computes in bfloat16 only where the CPU has native b
 (AVX512-BF16 / AMX); elsewhere PyTorch's bf16 CPU matmul is a slow fallback (measured and reported
 as ``bf16_matmul_slowdown``) and the run computes in float32 (the policies' own default dtype).
 
-Last stdout line: one JSON object (``policies``: one entry per policy run; ``bytes_per_anchor``:
-per policy type).
+Cost at real size (lerobot 0.6.1 builds pi0_fast with 3.45 G parameters, pi0 4.03 G, pi05 4.14 G,
+smolvla 0.45 G): float32 weights alone are 13.8 GB for pi0_fast and 16.1 / 16.6 GB for pi0 / pi05, so
+on a 24 GB machine without native bf16 only pi0_fast (barely) and smolvla fit; pi0 / pi05 are
+opt-in (``--policies pi0``). pi0_fast's anchor pass includes greedy decoding of 255 FAST tokens.
+``--tiny-smoke`` runs exactly this code on craft's tiny policies (a check that it runs, in a minute).
+
+Last stdout line: one JSON object (``policies``: one entry per policy run, ``error`` if it failed;
+``bytes_per_anchor``: per policy type). A run's cache half is also printed (``CHILD_PARTIAL``) as
+soon as it is measured.
 
     .venv/bin/python benchmarks/bench_fullsize.py [--policies pi0_fast smolvla] [--anchors 1]
+    .venv/bin/python benchmarks/bench_fullsize.py --tiny-smoke --layout-types
 """
 
 import argparse
