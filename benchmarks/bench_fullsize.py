@@ -413,6 +413,7 @@ def run_policy(policy_type: str, args) -> dict:
     if args.tiny_smoke:
         teacher_dir = folder
     else:
+        teacher_dir.mkdir(parents=True, exist_ok=True)
         cfg._save_pretrained(teacher_dir)
     teacher = PolicySource(path=str(teacher_dir))
 
