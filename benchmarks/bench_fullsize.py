@@ -321,12 +321,12 @@ def per_target(arrays: dict) -> dict:
     return totals
 
 
-def layout_bytes(policy_type: str, work: Path, targets: list[str], layers: list[int], pooling: list[str],
-                 top_k: int) -> dict:
+def layout_bytes(policy_type: str, work: Path, targets: list[str], layers: list[int], pooling: list[str]) -> dict:
     """Bytes per anchor of the store layout at real size, from the adapter on a ``meta``-device model."""
     import torch
     from lerobot.policies.factory import get_policy_class
 
+    from craft_core.config import ActionOutputConfig
     from craft_core.policies import get_adapter
     from craft_core.policies.base import TargetRequest
     from craft_core.store.layout import bytes_per_anchor
@@ -346,8 +346,9 @@ def layout_bytes(policy_type: str, work: Path, targets: list[str], layers: list[
         policy = get_policy_class(policy_type)(cfg)
     adapter = get_adapter(policy)
     wanted = [t for t in targets if t in adapter.retention_targets]
+    defaults = ActionOutputConfig()  # the cache stage's defaults: top-k 8, the policy's own flow steps
     request = TargetRequest(targets=tuple(wanted), layers=tuple(adapter.resolve_layers(layers)), pooling=tuple(pooling),
-                            top_k=top_k, flow_steps=1, dtype="float16", noise_seed=0)
+                            top_k=defaults.top_k, flow_steps=defaults.flow_steps, dtype="float16", noise_seed=0)
     out = {"inputs": {name: bytes_per_anchor(spec) for name, spec in adapter.input_spec(wanted).items()}}
     for target in wanted:
         arrays, _ = adapter.target_spec(target, request)
@@ -415,6 +416,7 @@ def run_policy(policy_type: str, args) -> dict:
     else:
         teacher_dir.mkdir(parents=True, exist_ok=True)
         cfg._save_pretrained(teacher_dir)
+        policy.config.pretrained_path = str(teacher_dir)  # lerobot's PEFT refuses a policy without one
     teacher = PolicySource(path=str(teacher_dir))
 
     # --- cache: one anchor batch through the cache stage's code --------------------------------
@@ -542,7 +544,7 @@ def main() -> None:
         summary["bytes_per_anchor"] = {}
         for policy_type in args.layout_types:
             summary["bytes_per_anchor"][policy_type] = layout_bytes(
-                policy_type, work, args.targets, [-2, -1], ["vision_token_mean", "text_token_last"], top_k=16)
+                policy_type, work, args.targets, [-2, -1], ["vision_token_mean", "text_token_last"])
         for policy_type in args.policies:
             child_work = work / f"run_{policy_type}"
             child_work.mkdir()
