@@ -15,12 +15,16 @@ Layout (N anchors, chunked along N, every array with the same chunk length):
 
 A *block* is the unit of writing: one Zarr shard when sharding is on, else one chunk. Digests are
 taken of the decoded values, so a missing chunk (which Zarr would read as fill values), a
-truncated or garbage one is caught whatever the codec. ``attrs["identity_digest"]`` covers every
-identity-bearing attribute (layers, pooling, targets, teacher, input spec...), so an attribute
-changed to another valid value is caught too.
+truncated or garbage one is caught whatever the codec (a missing chunk of a block marked written is
+never read as data: its fill values do not match the block's digest, unless the block really held
+only fill values). ``attrs["identity_digest"]`` covers every identity-bearing attribute (layers,
+pooling, targets, teacher, input spec...), so an attribute changed to another valid value is caught
+too; ``attrs["identity_digests"]`` (one per attribute) lets the refusal name it.
 
-Schema v1 stores (``teacher_hidden`` or ``labels/*``, no digests) are still read: as targets
+Schema v1 stores (``teacher_hidden`` or ``labels/*``, no digests) are still read, as legacy: as targets
 ``[prefix]`` (kind ``hidden_state``) or ``[action_output]`` with hard labels (kind ``token_level``).
+They carry no digests, so damage to their chunks cannot be detected: opening one warns and says to
+re-run the cache stage for a verified store.
 """
 
 from __future__ import annotations
@@ -201,6 +205,12 @@ def identity_digest(attrs: dict) -> str:
     """Digest of the identity-bearing attributes (``IDENTITY_ATTRS``) of a store."""
     identity = {key: attrs.get(key) for key in IDENTITY_ATTRS}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def identity_digests(attrs: dict) -> dict[str, str]:
+    """One digest per identity-bearing attribute, so a refusal can name the attribute that changed."""
+    return {key: hashlib.sha256(json.dumps(attrs.get(key), sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for key in IDENTITY_ATTRS}
 
 
 def open_group(url: str | Path, mode: str) -> zarr.Group:

@@ -28,6 +28,7 @@ from craft_core.store.layout import (
     block_digest,
     block_ranges,
     identity_digest,
+    identity_digests,
     open_group,
 )
 from craft_core.store.reader import AnchorStore, open_anchor_store
@@ -127,6 +128,7 @@ class AnchorStoreWriter:
             craft_version=CRAFT_VERSION,
         )
         attrs["identity_digest"] = identity_digest(attrs)
+        attrs["identity_digests"] = identity_digests(attrs)
         return attrs
 
     def written_blocks(self) -> set[int]:
