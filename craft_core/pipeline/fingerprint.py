@@ -278,7 +278,9 @@ class StageDir:
         for folder in (self.path, self.path.parent) if stage_folder else (self.path,):
             try:
                 folder.rmdir()
-            except OSError:  # not empty, or already gone
+            except FileNotFoundError:  # already gone
+                continue
+            except OSError:  # not empty
                 return
 
     def begin(self) -> Path:

@@ -214,7 +214,7 @@ def _dataset(field: str, source: DatasetSource, *, assets_dir: str | None) -> li
     try:
         HfApi().dataset_info(source.repo_id, revision=source.revision, timeout=15)
     except Exception as exc:  # unreachable hub, unknown repo or revision, gated
-        return [Problem(f"{field}.repo_id", source.repo_id, f"cannot reach it on the hub ({_short(exc)})",
+        return [Problem(f"{field}.repo_id", source.repo_id, f"cannot be fetched from the hub ({_short(exc)})",
                         f"check the repo id and the network, or set HF_HUB_OFFLINE=1 with a cached copy or "
                         f"{field}.root to a local copy")]
     return []
@@ -254,7 +254,7 @@ def _teacher_config(teacher: PolicySource, path: str) -> tuple[dict | None, Path
         return json.loads(Path(hf_hub_download(path, "config.json", revision=teacher.revision,
                                                etag_timeout=15)).read_text()), None, []
     except Exception as exc:
-        return None, None, [Problem(TEACHER_FIELD, value, f"cannot reach it on the hub ({_short(exc)})",
+        return None, None, [Problem(TEACHER_FIELD, value, f"cannot be fetched from the hub ({_short(exc)})",
                                     "check the repo id and the network, or set HF_HUB_OFFLINE=1 with a cached "
                                     "copy, or use a local folder")]
 

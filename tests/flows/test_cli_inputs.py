@@ -59,6 +59,10 @@ def cases(tmp: Path, teacher: Path) -> dict[str, tuple[list[str], str]]:
         "hub teacher not cached offline": (
             [*smoke, "cache.teacher.path=craft-test/not-cached"],
             "cache.teacher.path='craft-test/not-cached': not in the local hub cache and HF_HUB_OFFLINE is set"),
+        "hub teacher unreachable online (no HF_HUB_OFFLINE)": (
+            [*smoke, "cache.teacher.path=craft-test/not-cached"],
+            "cache.teacher.path='craft-test/not-cached': cannot be fetched from the hub \\(.*\\); fix: check the repo id "
+            "and the network"),
         "layers beyond the teacher's depth": (
             [*smoke, f"cache.teacher.path={teacher}", "cache.layers=[99]"],
             "cache.layers=\\[99\\]: the teacher's backbone has depth 2"),
@@ -75,7 +79,10 @@ def test_bad_inputs_fail_with_one_line_exit_2_and_nothing_written(tmp_path, tiny
         root = tmp_path / "artifacts" / name.replace(" ", "_")
         if not any(arg.startswith("artifacts_root=") for arg in args):
             args = [*args, f"artifacts_root={root}"]
-        result = run_cli(*args, env={"HF_HOME": str(tmp_path / "hf_home")})
+        env = {"HF_HOME": str(tmp_path / "hf_home")}
+        if "online" in name:
+            env["HF_HUB_OFFLINE"] = "0"
+        result = run_cli(*args, env=env)
         errors = lines(result.stderr)
         problems = []
         if result.returncode != 2:
