@@ -65,7 +65,12 @@ def preflight(cfg: PipelineConfig, *, check_upstream: bool = True) -> None:
         problems += _dataset(field, source, assets_dir=None)
     if problems:
         raise PreflightError(problems)
-    if not _uses_assets(cfg, selected, teacher) and not check_upstream:
+    # Planning imports every stage's code: only when a stage is consumed without being selected, or
+    # when values under ${assets} may already be built (the assets stage has a folder).
+    present = {section for section in SECTIONS if getattr(cfg, section, None) is not None}
+    check_upstream = check_upstream and not present <= selected
+    assets_built = _uses_assets(cfg, selected, teacher) and (Path(cfg.artifacts_root).expanduser() / "assets").is_dir()
+    if not (check_upstream or assets_built):
         return
     from craft_core.pipeline.graph import plan_pipeline
 
