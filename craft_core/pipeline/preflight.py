@@ -17,7 +17,9 @@ are consumed but not selected) import every stage's code, so they run only when 
 passed. Nothing here imports Prefect or writes a file.
 """
 
+import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,12 +219,25 @@ def _dataset(field: str, source: DatasetSource, *, assets_dir: str | None) -> li
     from huggingface_hub import HfApi
 
     try:
-        HfApi().dataset_info(source.repo_id, revision=source.revision, timeout=15)
+        with _quiet_hub():
+            HfApi().dataset_info(source.repo_id, revision=source.revision, timeout=15)
     except Exception as exc:  # unreachable hub, unknown repo or revision, gated
         return [Problem(f"{field}.repo_id", source.repo_id, f"cannot be fetched from the hub ({_short(exc)})",
                         f"check the repo id and the network, or set HF_HUB_OFFLINE=1 with a cached copy or "
                         f"{field}.root to a local copy")]
     return []
+
+
+@contextmanager
+def _quiet_hub():
+    """huggingface_hub logs each failed request as a warning; the problem line says it once."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _short(exc: BaseException) -> str:
@@ -256,8 +271,9 @@ def _teacher_config(teacher: PolicySource, path: str) -> tuple[dict | None, Path
         return None, None, [Problem(TEACHER_FIELD, value, "not in the local hub cache and HF_HUB_OFFLINE is set",
                                     "download it once online (huggingface-cli download), or use a local folder")]
     try:
-        return json.loads(Path(hf_hub_download(path, "config.json", revision=teacher.revision,
-                                               etag_timeout=15)).read_text()), None, []
+        with _quiet_hub():
+            config_file = hf_hub_download(path, "config.json", revision=teacher.revision, etag_timeout=15)
+        return json.loads(Path(config_file).read_text()), None, []
     except Exception as exc:
         return None, None, [Problem(TEACHER_FIELD, value, f"cannot be fetched from the hub ({_short(exc)})",
                                     "check the repo id and the network, or set HF_HUB_OFFLINE=1 with a cached "
