@@ -328,19 +328,22 @@ def _tiny_sizes(folder: Path | None) -> dict | None:
 
 
 def _upstream(cfg: PipelineConfig, plans: dict) -> list[Problem]:
-    selected = {name for name, plan in plans.items() if plan.section in cfg.stages}
-    problems = []
+    """One problem listing the consumed stages that are neither selected nor complete."""
+    selected = [name for name, plan in plans.items() if plan.section in cfg.stages]
+    consumers: dict[str, list[str]] = {}  # missing stage -> the selected stages consuming it
     for name in selected:
         for upstream in plans[name].upstream:
-            plan = plans[upstream]
-            if upstream in selected or plan.stage_dir().is_complete():
-                continue
-            problems.append(Problem("stages", list(cfg.stages),
-                                    f"stage {name} consumes {upstream}, which is not selected and has no complete "
-                                    f"output for this config",
-                                    f"add {plan.section} to the stages (--stages)"))
-    unique = {problem.line(): problem for problem in problems}
-    return list(unique.values())
+            if upstream not in selected and not plans[upstream].stage_dir().is_complete():
+                consumers.setdefault(upstream, []).append(name)
+    if not consumers:
+        return []
+    missing = list(consumers)
+    users = list(dict.fromkeys(name for names in consumers.values() for name in names))
+    sections = list(dict.fromkeys(plans[stage].section for stage in missing))
+    return [Problem("stages", list(cfg.stages),
+                    f"{', '.join(users)} consume{'s' if len(users) == 1 else ''} {', '.join(missing)}, not selected "
+                    "and without a complete output for this config",
+                    f"add {', '.join(sections)} to the stages (--stages)")]
 
 
 # ---------------------------------------------------------------------------- input vs transient

@@ -62,7 +62,7 @@ def test_layers_are_checked_against_an_already_built_teacher(tmp_path, tiny_pi0_
     from tests.fixtures.data import FIXTURE_PUSHT_TASKS
 
     cfg = load_preset("smoke", [f"artifacts_root={tmp_path}", "cache.layers=[99]", "stages=[cache]"])
-    with pytest.raises(PreflightError, match="stage cache consumes assets"):  # not built yet
+    with pytest.raises(PreflightError, match="stages=\\['cache'\\]: cache consumes assets, not selected"):  # not built yet
         preflight(cfg)
     _built_assets(cfg, tiny_pi0_fast, pusht_datasets[FIXTURE_PUSHT_TASKS[-1]]["root"])
     [line] = problems(cfg)
