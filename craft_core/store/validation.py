@@ -16,7 +16,9 @@ import zarr
 
 from craft_core.policies.base import ArraySpec, TargetRequest
 from craft_core.store.layout import (
+    DIGEST_ALGORITHMS,
     DIGESTS,
+    LEGACY_DIGEST_ALGORITHM,
     HELDOUT,
     MARKERS,
     PROVENANCE,
@@ -49,6 +51,7 @@ class StoreDescription:
     targets: dict[str, dict]  # target -> its attributes (probe kind, top_k, layers...), without "arrays"
     target_arrays: dict[str, dict[str, tuple[str, ArraySpec]]]  # target -> array -> (path, spec)
     digest_arrays: list[str]  # paths in the order of progress/block_digests' columns (v2)
+    digest_algorithm: str = LEGACY_DIGEST_ALGORITHM
 
     def paths(self) -> dict[str, ArraySpec]:
         """Every anchor-indexed array, by path: targets, inputs, provenance, split."""
@@ -122,6 +125,11 @@ def describe(url: str, attrs: dict) -> StoreDescription:
     if not isinstance(digest_arrays, list) or sorted(digest_arrays) != sorted(description.paths()):
         raise AnchorStoreError(url, f"attribute digest_arrays={digest_arrays!r} does not list the store's arrays", RERUN)
     description.digest_arrays = list(digest_arrays)
+    algorithm = attrs.get("digest_algorithm", LEGACY_DIGEST_ALGORITHM)
+    if algorithm not in DIGEST_ALGORITHMS:
+        raise AnchorStoreError(url, f"attribute digest_algorithm={algorithm!r} is not one this craft knows "
+                               f"({list(DIGEST_ALGORITHMS)})", RERUN)
+    description.digest_algorithm = algorithm
     return description
 
 
@@ -191,7 +199,7 @@ def verify_block(url: str, description: StoreDescription, digests: np.ndarray | 
     if recorded == 0:
         raise AnchorStoreError(url, f"array {DIGESTS} holds no digest of {path} block {block} although the block is "
                                "marked written (its chunk is missing or zeroed)", DAMAGED)
-    if block_digest(values) != recorded:
+    if block_digest(values, description.digest_algorithm) != recorded:
         raise AnchorStoreError(
             url, f"array {path} block {block}: its content does not match the digest recorded when it was written (a "
             f"chunk is missing, truncated or altered, or its digest in {DIGESTS} is)", DAMAGED,
