@@ -8,8 +8,9 @@ For users:
     prefect deployment run craft/full --params "$(python flows/craft_flow.py --preset smoke --print-params)" --watch
     # UI: http://127.0.0.1:4200
 
-Ctrl-C stops everything it started. Tests and benchmarks use ``LocalPrefect`` the same way with a
-free port and a private ``PREFECT_HOME`` (two processes sharing one SQLite home collide).
+Ctrl-C (SIGINT), SIGTERM and SIGHUP stop everything it started, at any point (also while it is
+still starting), within 10 s. Tests and benchmarks use ``LocalPrefect`` the same way with a free
+port and a private ``PREFECT_HOME`` (two processes sharing one SQLite home collide).
 
 Every process is started in its own session and stopped by its process group: SIGTERM, then
 SIGKILL after a grace period (an idle worker may ignore SIGTERM for a long time).
@@ -50,6 +51,7 @@ class LocalPrefect:
         self.ui_url = f"http://127.0.0.1:{self.port}"
         self.log_dir = Path(log_dir or self.home / "logs")
         self.processes: dict[str, subprocess.Popen] = {}
+        self.announce = False  # print each started process (the script does; tests read it)
         self.env = {
             **os.environ,
             "PREFECT_HOME": str(self.home),
@@ -78,6 +80,8 @@ class LocalPrefect:
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self.processes[name] = process
+        if self.announce:
+            print(f"started {name} (pid {process.pid})", flush=True)
         return process
 
     def log(self, name: str) -> str:
@@ -170,6 +174,18 @@ class LocalPrefect:
         return self.api("GET", f"/artifacts/{key}/latest")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_GRACE_S = 6.0  # SIGTERM to SIGKILL; with the script's own exit, everything is gone within 10 s
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, handled like Ctrl-C: unwind and stop every process started."""
+
+
+def _request_stop(signum, frame) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, default=4200)
@@ -177,7 +193,10 @@ def main() -> int:
                         help="PREFECT_HOME of this server (its SQLite DB and results)")
     parser.add_argument("--pool", default=DEFAULT_POOL)
     args = parser.parse_args()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _request_stop)
     stack = LocalPrefect(args.home, port=args.port, pool=args.pool)
+    stack.announce = True
     try:
         stack.start_server()
         stack.deploy()
@@ -191,10 +210,13 @@ def main() -> int:
             time.sleep(1)
         print("a process exited; stopping", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM/SIGHUP (StopRequested)
+        print(f"{stop or 'SIGINT'}: stopping the server and the worker", file=sys.stderr, flush=True)
         return 0
     finally:
-        stack.stop()
+        for signum in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+            signal.signal(signum, signal.SIG_IGN)
+        stack.stop(grace_s=STOP_GRACE_S)
 
 
 if __name__ == "__main__":

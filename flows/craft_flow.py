@@ -17,6 +17,7 @@ is complete is not run again, and Prefect shows its task as Cached.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -25,21 +26,110 @@ if __name__ == "__main__" and not os.environ.get("PREFECT_API_URL"):
     # minute on a busy one; the default limit is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 if __name__ == "__main__" and "--verbose" not in sys.argv[1:]:
     # lerobot re-enables the datasets library's progress bars after every dataset it writes
     # (SuppressProgressBars); only this variable, read when datasets is imported, keeps them off.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
-from prefect import flow
-
-from craft_core import noise
-from craft_core.config import STAGES, PipelineConfig, load_config, load_preset
-from craft_core.pipeline import StageRef, assets_dir, existing_ref, isolate_stage, plan_pipeline
-from tasks import common
-from tasks.common import run_logger, stage_task_options
-from tasks.stages import run_stage_task
+from craft_core.config import STAGES, ConfigError, PipelineConfig, load_config, load_preset
 
 DEFAULT_PRESET = "demo"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python flows/craft_flow.py",
+        description="Run the craft pipeline (Prefect flow `craft`). No arguments: the offline CPU demo.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--config", help="pipeline YAML file")
+    source.add_argument("--preset", help=f"preset name in configs/ (default: {DEFAULT_PRESET})")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="A.B=C",
+                        help="override a config value (YAML-parsed); repeatable")
+    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}: run only these (and "
+                                         "stop); the stages they consume must already have complete outputs")
+    parser.add_argument("--print-params", action="store_true",
+                        help="print the flow parameters as JSON (for `prefect deployment run craft/full "
+                             "--params`) instead of running")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show everything: Prefect's log lines, progress bars, and the lerobot output craft "
+                             "filters as known and harmless (craft_core/noise.py lists it and why)")
+    parser.add_argument("--no-preflight", action="store_true",
+                        help="skip the pre-flight checks (e.g. --print-params for a run on another machine)")
+    parser.add_argument("overrides", nargs="*", metavar="A.B=C", help="overrides, like --set (anywhere on the line)")
+    return parser.parse_intermixed_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    overrides = list(args.sets) + list(args.overrides)
+    if args.stages:
+        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+        overrides.append(f"stages={json.dumps(stages)}")
+    if args.config:
+        return load_config(args.config, overrides)
+    return load_preset(args.preset or DEFAULT_PRESET, overrides)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s+", " ", str(text)).strip()
+
+
+def config_error_lines(exc: Exception) -> list[str]:
+    """A config, override or pre-flight error as lines of its own: one per problem, no traceback."""
+    from pydantic import ValidationError
+
+    from craft_core.pipeline.preflight import PreflightError
+
+    if isinstance(exc, PreflightError):
+        return [problem.line() for problem in exc.problems]
+    if isinstance(exc, ValidationError):
+        lines = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"]) or "config"
+            value = repr(error.get("input"))
+            value = value if len(value) <= 80 else value[:77] + "..."
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message += " (unknown field: check its spelling and section)"
+            lines.append(_one_line(f"config field {field}={value}: {message}"))
+        return lines
+    return [_one_line(exc)]
+
+
+def check_command_line(argv: list[str] | None = None) -> tuple[argparse.Namespace, PipelineConfig]:
+    """Parse the command line, load the config and run the pre-flight checks, before Prefect or any
+    stage code is imported; a bad input exits with code 2 and one line per problem, writing nothing."""
+    from craft_core.pipeline.preflight import PreflightError, preflight
+    from pydantic import ValidationError
+
+    args = parse_args(argv)
+    try:
+        config = config_from_args(args)
+        if not args.no_preflight:
+            preflight(config)
+    except (ConfigError, ValidationError, PreflightError, FileNotFoundError) as exc:
+        for line in config_error_lines(exc):
+            print(f"craft: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, config
+
+
+if __name__ == "__main__":
+    _ARGS, _CONFIG = check_command_line()
+    if _ARGS.print_params:
+        print(json.dumps({"config": _CONFIG.model_dump(mode="json")}))
+        raise SystemExit(0)
+
+# Prefect and the stages' code are imported only once the command line is known to be good.
+from prefect import flow  # noqa: E402
+
+from craft_core.pipeline import StageRef, assets_dir, existing_ref, isolate_stage, plan_pipeline  # noqa: E402
+from craft_core import noise  # noqa: E402
+from craft_core.pipeline.preflight import preflight  # noqa: E402
+from tasks import common  # noqa: E402
+from tasks.common import run_logger, stage_task_options  # noqa: E402
+from tasks.stages import run_stage_task  # noqa: E402
 
 
 def flow_run_name() -> str:
@@ -64,6 +154,9 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
     must already have a complete output for this config.
     """
     logger = run_logger()
+    # Bad inputs fail here, before any stage, with one line per problem (deployment runs too; the
+    # command line checked them already). Consumed-but-unselected outputs are checked as consumed.
+    preflight(config, check_upstream=False)
     plans = plan_pipeline(config)
     selected = [plan for plan in plans.values() if plan.section in config.stages]
     refs: dict[str, StageRef] = {}
@@ -92,38 +185,6 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
         summary["report"] = refs["report"].result["report_md"]
         print(f"craft report: {summary['report']}")
     return summary
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python flows/craft_flow.py",
-        description="Run the craft pipeline (Prefect flow `craft`). No arguments: the offline CPU demo.",
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--config", help="pipeline YAML file")
-    source.add_argument("--preset", help=f"preset name in configs/ (default: {DEFAULT_PRESET})")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="A.B=C",
-                        help="override a config value (YAML-parsed); repeatable")
-    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}; the others must "
-                                         "already have complete outputs for this config")
-    parser.add_argument("--print-params", action="store_true",
-                        help="print the flow parameters as JSON (for `prefect deployment run craft/full "
-                             "--params`) instead of running")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show everything: Prefect's log lines, progress bars, and the lerobot output craft "
-                             "filters as known and harmless (craft_core/noise.py lists it and why)")
-    parser.add_argument("overrides", nargs="*", metavar="A.B=C", help="overrides, like --set")
-    return parser.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    overrides = list(args.sets) + list(args.overrides)
-    if args.stages:
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        overrides.append(f"stages={json.dumps(stages)}")
-    if args.config:
-        return load_config(args.config, overrides)
-    return load_preset(args.preset or DEFAULT_PRESET, overrides)
 
 
 def quiet_console() -> None:
@@ -159,8 +220,10 @@ def print_results(summary: dict, elapsed: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = config_from_args(args)
+    if argv is None and __name__ == "__main__":
+        args, config = _ARGS, _CONFIG
+    else:
+        args, config = check_command_line(argv)
     if args.print_params:
         print(json.dumps({"config": config.model_dump(mode="json")}))
         return 0

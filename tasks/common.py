@@ -26,13 +26,24 @@ def stage_cache_key(context, parameters: dict[str, Any]) -> str:
     return parameters["plan"].cache_key
 
 
+def retry_transient(task, task_run, state) -> bool:
+    """Retry a failed stage only for a transient cause: a config or input error fails the same way
+    again, so it is reported at once instead of after a retry (craft_core.pipeline.preflight)."""
+    from craft_core.pipeline.preflight import is_input_error
+
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return exc is None or not is_input_error(exc)
+
+
 def stage_task(fn: Callable) -> Callable:
     """A stage task: fingerprint-keyed cache, persisted (small) result; per-stage name and tags
-    (``gpu`` for concurrency limits) are set with ``stage_task_options``."""
+    (``gpu`` for concurrency limits) are set with ``stage_task_options``; retried once, for
+    transient failures only."""
     return task(
         name="craft-stage",
         retries=1,
         retry_delay_seconds=RETRY_DELAY_S,
+        retry_condition_fn=retry_transient,
         cache_key_fn=stage_cache_key,
         persist_result=True,
     )(fn)

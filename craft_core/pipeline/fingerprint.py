@@ -242,14 +242,46 @@ class StageDir:
 
     @contextmanager
     def lock(self) -> Iterator[None]:
-        """Exclusive lock so two runs of the same fingerprint never write the same directory."""
-        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as handle:
+        """Exclusive lock so two runs of the same fingerprint never write the same directory.
+
+        The lock file is removed by its holder on the way out, so none is left behind; a waiter
+        that then holds a lock on the removed file notices (its path names another file or none)
+        and locks again.
+        """
+        while True:
+            self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                handle = open(self.lock_path, "a")
+            except FileNotFoundError:  # a failed run just removed the (empty) stage folder
+                continue
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                current = os.stat(self.lock_path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+            handle.close()  # the previous holder removed that file: lock the new one
+        try:
+            yield
+        finally:
+            try:
+                self.lock_path.unlink()
+            except FileNotFoundError:
+                pass
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+
+    def discard_if_empty(self, *, stage_folder: bool = False) -> None:
+        """Remove the output directory (with ``stage_folder``, ``<root>/<stage>/`` too) if a failed run
+        left it empty; a partial output is kept, to be resumed."""
+        for folder in (self.path, self.path.parent) if stage_folder else (self.path,):
+            try:
+                folder.rmdir()
+            except FileNotFoundError:  # already gone
+                continue
+            except OSError:  # not empty
+                return
 
     def begin(self) -> Path:
         """Create (or reuse, to resume) the working directory; it stays incomplete until commit()."""
@@ -287,18 +319,26 @@ def run_stage(stage_dir: StageDir, fn, *, config: Any = None, upstream: dict[str
     """Run ``fn(work_dir) -> result`` unless the stage is complete; returns (result, executed).
 
     A failure propagates without a manifest, so the partial directory is only ever resumed,
-    never read as an output.
+    never read as an output; a failure that wrote nothing leaves no directory (and no lock file).
     """
-    with stage_dir.lock():
-        manifest = stage_dir.manifest()
-        if manifest is not None:
-            return manifest["result"], False
-        started, cpu_started = time.time(), _cpu_seconds()
-        work_dir = stage_dir.begin()
-        result = fn(work_dir)
-        stage_dir.commit(result, config=config, upstream=upstream, code=code, started=started,
-                         cpu_started=cpu_started)
-        return result, True
+    try:
+        with stage_dir.lock():
+            manifest = stage_dir.manifest()
+            if manifest is not None:
+                return manifest["result"], False
+            started, cpu_started = time.time(), _cpu_seconds()
+            work_dir = stage_dir.begin()
+            try:
+                result = fn(work_dir)
+            except BaseException:
+                stage_dir.discard_if_empty()  # a refused input leaves nothing behind; a partial output stays
+                raise
+            stage_dir.commit(result, config=config, upstream=upstream, code=code, started=started,
+                             cpu_started=cpu_started)
+            return result, True
+    except BaseException:
+        stage_dir.discard_if_empty(stage_folder=True)  # after the lock file is gone
+        raise
 
 
 def _cpu_seconds() -> float:

@@ -18,7 +18,12 @@ Progress = Callable[[int, int, dict], None]
 
 
 class StageProcessError(RuntimeError):
-    """The stage failed inside its own process; the message carries the child's traceback."""
+    """The stage failed inside its own process; the message carries the child's traceback.
+    ``input_error``: the child died of an input/config error (see ``preflight.is_input_error``)."""
+
+    def __init__(self, message: str, *, input_error: bool = False):
+        super().__init__(message)
+        self.input_error = input_error
 
 
 def _call(fn: Callable, kwargs: dict, progress: Progress | None) -> Any:
@@ -33,8 +38,10 @@ def _child(fn: Callable, kwargs: dict, messages) -> None:
 
     try:
         result = _call(fn, kwargs, progress)
-    except BaseException:
-        messages.put(("error", traceback.format_exc()))
+    except BaseException as exc:
+        from craft_core.pipeline.preflight import is_input_error
+
+        messages.put(("error", (traceback.format_exc(), is_input_error(exc))))
         raise SystemExit(1)
     messages.put(("result", result))
 
@@ -64,7 +71,8 @@ def call_stage(fn: Callable, kwargs: dict, *, isolate: bool, progress: Progress 
                 if progress is not None:
                     progress(*payload)
             elif kind == "error":
-                raise StageProcessError(f"{name} failed in its own process:\n{payload}")
+                text, input_error = payload
+                raise StageProcessError(f"{name} failed in its own process:\n{text}", input_error=input_error)
             else:
                 return payload
     finally:

@@ -114,6 +114,13 @@ class PolicyAdapter(ABC):
         """Absolute hidden-state indices of ``layers`` for this backbone (see :func:`resolve_layers`)."""
         return resolve_layers(layers, self.depth)
 
+    @classmethod
+    def config_depth(cls, config: dict, tiny_sizes: dict | None = None) -> int | None:
+        """The backbone depth a saved policy will have, from its ``config.json`` (and the sizes of a
+        tiny offline folder), without building the model: what the pre-flight checks ``cache.layers``
+        against. None = not known without building it (the cache stage checks it then)."""
+        return None
+
     @abstractmethod
     def input_spec(self, targets: Sequence[str] = ("prefix",)) -> dict[str, ArraySpec]:
         """Per-anchor arrays that reproduce the model inputs the ``targets`` need exactly."""

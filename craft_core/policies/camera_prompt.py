@@ -136,6 +136,16 @@ class PaliGemmaCameraPromptAdapter(CameraPromptAdapter):
     def depth(self) -> int:
         return int(self._language_model.config.num_hidden_layers)
 
+    # lerobot's get_gemma_config (pi0/pi05/pi0_fast modeling): the PaliGemma language model's depth.
+    PALIGEMMA_DEPTHS = {"gemma_300m": 18, "gemma_2b": 18}
+
+    @classmethod
+    def config_depth(cls, config: dict, tiny_sizes: dict | None = None) -> int | None:
+        if tiny_sizes:  # the tiny builders' size name: pi0_fast "num_hidden_layers", pi0/pi05 "depth"
+            depth = tiny_sizes.get("num_hidden_layers", tiny_sizes.get("depth"))
+            return int(depth) if depth is not None else None
+        return cls.PALIGEMMA_DEPTHS.get(config.get("paligemma_variant", "gemma_2b"))
+
     @property
     def hidden_size(self) -> int:
         return int(self._language_model.config.hidden_size)

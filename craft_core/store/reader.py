@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -23,12 +24,17 @@ from craft_core.store.layout import DIGESTS, HELDOUT, MARKERS, PROVENANCE, Ancho
 from craft_core.store.validation import (
     DAMAGED,
     StoreDescription,
+    check_digests,
     check_structure,
     check_values,
     read_block,
     request_from_attrs,
     verify_block,
 )
+
+
+class LegacyStoreWarning(UserWarning):
+    """A schema-1 store is read without content verification (it has no digests)."""
 
 
 class AnchorStore:
@@ -47,6 +53,8 @@ class AnchorStore:
         self.targets: dict[str, dict] = description.targets
         self.target_arrays = description.target_arrays
         self.digests = read_block(self.url, group, DIGESTS, 0, len(self.blocks)) if description.schema_version >= 2 else None
+        if self.digests is not None:
+            check_digests(self.url, self.digests)
         self.heldout = self.read(0, self.n_anchors, [HELDOUT])[HELDOUT].astype(bool)
 
     @property
@@ -137,10 +145,17 @@ def open_anchor_store(url: str | Path, *, verify: bool = True) -> AnchorStore:
     except Exception as exc:
         raise AnchorStoreError(url, f"its attributes cannot be read ({type(exc).__name__}: {exc})", DAMAGED) from None
     description = check_structure(url, group, attrs, require_complete=True)
+    if description.schema_version < 2:
+        warnings.warn(
+            f"anchor store {url}: schema {description.schema_version} (legacy) carries no content digests, so a "
+            "missing or altered chunk cannot be detected; re-run the cache stage for a verified store",
+            LegacyStoreWarning, stacklevel=2,
+        )
     markers = read_block(url, group, MARKERS, 0, int(attrs["n_blocks"]))
     if not markers.all():
         raise AnchorStoreError(
-            url, f"it is marked complete but {int((markers == 0).sum())} blocks have no written marker",
+            url, f"it is marked complete but {int((markers == 0).sum())} blocks have no written marker in {MARKERS} "
+            f"(blocks {np.flatnonzero(markers == 0)[:10].tolist()})",
             "The store was modified after extraction: delete it and re-run the cache stage.",
         )
     store = AnchorStore(url, group, attrs, description)

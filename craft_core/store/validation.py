@@ -16,7 +16,9 @@ import zarr
 
 from craft_core.policies.base import ArraySpec, TargetRequest
 from craft_core.store.layout import (
+    DIGEST_ALGORITHMS,
     DIGESTS,
+    LEGACY_DIGEST_ALGORITHM,
     HELDOUT,
     MARKERS,
     PROVENANCE,
@@ -29,6 +31,7 @@ from craft_core.store.layout import (
     AnchorStoreError,
     block_digest,
     identity_digest,
+    identity_digests,
     input_path,
     target_path,
 )
@@ -48,6 +51,7 @@ class StoreDescription:
     targets: dict[str, dict]  # target -> its attributes (probe kind, top_k, layers...), without "arrays"
     target_arrays: dict[str, dict[str, tuple[str, ArraySpec]]]  # target -> array -> (path, spec)
     digest_arrays: list[str]  # paths in the order of progress/block_digests' columns (v2)
+    digest_algorithm: str = LEGACY_DIGEST_ALGORITHM
 
     def paths(self) -> dict[str, ArraySpec]:
         """Every anchor-indexed array, by path: targets, inputs, provenance, split."""
@@ -121,6 +125,11 @@ def describe(url: str, attrs: dict) -> StoreDescription:
     if not isinstance(digest_arrays, list) or sorted(digest_arrays) != sorted(description.paths()):
         raise AnchorStoreError(url, f"attribute digest_arrays={digest_arrays!r} does not list the store's arrays", RERUN)
     description.digest_arrays = list(digest_arrays)
+    algorithm = attrs.get("digest_algorithm", LEGACY_DIGEST_ALGORITHM)
+    if algorithm not in DIGEST_ALGORITHMS:
+        raise AnchorStoreError(url, f"attribute digest_algorithm={algorithm!r} is not one this craft knows "
+                               f"({list(DIGEST_ALGORITHMS)})", RERUN)
+    description.digest_algorithm = algorithm
     return description
 
 
@@ -133,10 +142,15 @@ def check_structure(url: str, group: zarr.Group, attrs: dict, *, require_complet
             "Re-run the cache stage with the same config to resume it, or finalize_store() once all workers are done.",
         )
     if description.schema_version >= 2 and attrs.get("identity_digest") != identity_digest(attrs):
-        raise AnchorStoreError(
-            url, "its identity attributes (layers, pooling, targets, teacher, input spec, ...) were changed after "
-            "the store was written: they no longer match the digest recorded with them", RERUN,
-        )
+        recorded = attrs.get("identity_digests")
+        changed = ([key for key, digest in identity_digests(attrs).items() if recorded.get(key) != digest]
+                   if isinstance(recorded, dict) else [])
+        named = (f"attribute {changed[0]} was" if len(changed) == 1 else f"attributes {', '.join(changed)} were")
+        what = (f"{named} changed after the store was written (the value differs from the one recorded with its "
+                "digest)" if changed else
+                "its identity attributes (layers, pooling, targets, teacher, input spec, ...) were changed after "
+                "the store was written: they no longer match the digest recorded with them")
+        raise AnchorStoreError(url, what, RERUN)
     n = description.n_anchors
     expected = {path: ((n, *spec.shape), spec.dtype) for path, spec in description.paths().items()}
     n_blocks = attrs.get("n_blocks")
@@ -183,12 +197,22 @@ def verify_block(url: str, description: StoreDescription, digests: np.ndarray | 
     column = description.digest_arrays.index(path)
     recorded = int(digests[block, column])
     if recorded == 0:
-        raise AnchorStoreError(url, f"array {path} block {block} has no recorded digest although the block is marked "
-                               "written", DAMAGED)
-    if block_digest(values) != recorded:
+        raise AnchorStoreError(url, f"array {DIGESTS} holds no digest of {path} block {block} although the block is "
+                               "marked written (its chunk is missing or zeroed)", DAMAGED)
+    if block_digest(values, description.digest_algorithm) != recorded:
         raise AnchorStoreError(
             url, f"array {path} block {block}: its content does not match the digest recorded when it was written (a "
-            "chunk is missing, truncated or altered)", DAMAGED,
+            f"chunk is missing, truncated or altered, or its digest in {DIGESTS} is)", DAMAGED,
+        )
+
+
+def check_digests(url: str, digests: np.ndarray) -> None:
+    """Every block has a digest of every array (``block_digest`` is never 0: 0 is a missing chunk)."""
+    missing = np.flatnonzero((digests == 0).any(axis=1))
+    if len(missing):
+        raise AnchorStoreError(
+            url, f"array {DIGESTS} holds no digests for blocks {missing[:10].tolist()} although they are marked "
+            "written (its chunks are missing or zeroed)", DAMAGED,
         )
 
 

@@ -19,7 +19,9 @@ from zarr.codecs import BloscCodec
 
 from craft_core import __version__ as CRAFT_VERSION
 from craft_core.store.layout import (
+    DIGEST_ALGORITHM,
     DIGESTS,
+    LEGACY_DIGEST_ALGORITHM,
     HELDOUT,
     MARKERS,
     SCHEMA_VERSION,
@@ -28,6 +30,7 @@ from craft_core.store.layout import (
     block_digest,
     block_ranges,
     identity_digest,
+    identity_digests,
     open_group,
 )
 from craft_core.store.reader import AnchorStore, open_anchor_store
@@ -59,6 +62,8 @@ class AnchorStoreWriter:
         self.blocks = block_ranges(layout.n_anchors, layout.block_anchors)
         self.digest_paths = list(layout.per_anchor_specs())
         self.group = self._create_or_reopen()
+        # A store resumed from before the attribute existed keeps the digests it started with.
+        self.digest_algorithm = self.group.attrs.get("digest_algorithm", LEGACY_DIGEST_ALGORITHM)
 
     def _create_or_reopen(self) -> zarr.Group:
         layout = self.layout
@@ -123,10 +128,12 @@ class AnchorStoreWriter:
             shard_chunks=layout.shard_chunks,
             block_anchors=layout.block_anchors,
             n_blocks=len(self.blocks),
+            digest_algorithm=DIGEST_ALGORITHM,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             craft_version=CRAFT_VERSION,
         )
         attrs["identity_digest"] = identity_digest(attrs)
+        attrs["identity_digests"] = identity_digests(attrs)
         return attrs
 
     def written_blocks(self) -> set[int]:
@@ -154,7 +161,7 @@ class AnchorStoreWriter:
                     f"block {block}: the teacher produced non-finite values for {path} (anchors {start}..{stop - 1}); "
                     "check the teacher weights and dtype (float16 overflows above 65504)"
                 )
-            digests[column] = block_digest(values)
+            digests[column] = block_digest(values, self.digest_algorithm)
         for path in specs:
             self.group[path][start:stop] = arrays[path]
         self.group[DIGESTS][block] = digests

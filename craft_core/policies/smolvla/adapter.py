@@ -53,6 +53,13 @@ class SmolVLAAdapter(FlowMatchingTargets, CameraPromptAdapter):
     def depth(self) -> int:
         return int(self._vlm_with_expert.num_vlm_layers)
 
+    @classmethod
+    def config_depth(cls, config: dict, tiny_sizes: dict | None = None) -> int | None:
+        # lerobot keeps the VLM's first num_vlm_layers blocks (all when <= 0: unknown without the VLM's
+        # config); the tiny builder writes its size there too.
+        layers = config.get("num_vlm_layers")
+        return int(layers) if isinstance(layers, int) and layers > 0 else None
+
     @property
     def hidden_size(self) -> int:
         return int(self._vlm_with_expert.config.text_config.hidden_size)
