@@ -28,9 +28,13 @@ if __name__ == "__main__" and not os.environ.get("PREFECT_API_URL"):
 
 from prefect import flow
 
+from prefect.futures import PrefectFuture, wait
+
 from craft_core.config import STAGES, PipelineConfig, load_config, load_preset
 from craft_core.pipeline import StageRef, assets_dir, existing_ref, isolate_stage, plan_pipeline
+from craft_core.pipeline.scale import check_scale_out
 from tasks.common import run_logger, stage_task_options
+from tasks.shards import submit_cache_shards
 from tasks.stages import run_stage_task
 
 DEFAULT_PRESET = "demo"
@@ -46,19 +50,36 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
     logger = run_logger()
     plans = plan_pipeline(config)
     selected = [plan for plan in plans.values() if plan.section in config.stages]
-    refs: dict[str, StageRef] = {}
+    preflight(config)
+    refs: dict[str, StageRef | PrefectFuture] = {}
 
-    def ref_of(stage: str) -> StageRef:
+    def ref_of(stage: str) -> StageRef | PrefectFuture:
         if stage not in refs:  # consumed but not selected: its output for this config must exist
             refs[stage] = existing_ref(plans[stage])
             logger.info("stage %s not selected; using its output %s", stage, plans[stage].path)
         return refs[stage]
 
+    concurrent = config.concurrent_stages
     for index, plan in enumerate(selected, start=1):
         logger.info("stage %d/%d: %s", index, len(selected), plan.stage)
         upstream = {stage: ref_of(stage) for stage in plan.upstream}
+        shards = []
+        if plan.kind == "cache" and config.cache.num_shards > 1:
+            # N shard task runs at once (each its own process, or a run of the shard deployment);
+            # the cache task after them only checks the store and sets it complete.
+            shards = submit_cache_shards(plan, _resolved(upstream), assets_dir(plans))
+            _raise_failed(shards, "cache shard")
         task = run_stage_task.with_options(**stage_task_options(plan))
-        refs[plan.stage] = task(plan, upstream, assets_dir(plans), isolate_stage(config, plan))
+        isolate = isolate_stage(config, plan)
+        if concurrent:
+            # Stages submitted together share this process's threads: each runs in its own process
+            # (torch's global RNG, accelerate's state and CUDA memory are per process).
+            refs[plan.stage] = task.submit(plan, upstream, assets_dir(plans), isolate or plan.gpu)
+        else:
+            refs[plan.stage] = task(plan, _resolved(upstream), assets_dir(plans), isolate)
+    if concurrent:
+        _raise_failed([ref for ref in refs.values() if isinstance(ref, PrefectFuture)], "stage")
+        refs = {stage: _resolved_one(ref) for stage, ref in refs.items()}
 
     summary = {
         "artifacts_root": next(iter(plans.values())).artifacts_root,
@@ -68,6 +89,46 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
         summary["report"] = refs["report"].result["report_md"]
         print(f"craft report: {summary['report']}")
     return summary
+
+
+def preflight(config: PipelineConfig) -> None:
+    """Refuse a scaled-out config that cannot work before any stage runs: a store root nobody can
+    write, more training processes than devices, a shard deployment the server does not have."""
+    check_scale_out(config)
+    if "cache" in config.stages and config.cache.num_shards > 1 and config.cache.shard_runner == "deployment":
+        check_deployment_exists(config.cache.shard_deployment, field="cache.shard_deployment")
+
+
+def check_deployment_exists(name: str, *, field: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ValueError(
+            f"{field}={name!r}: the Prefect server ({PREFECT_API_URL.value() or 'temporary local server'}) has no such "
+            "deployment; deploy it first (prefect deploy --prefect-file deployments/prefect.yaml --name extract-shard) "
+            "and start a worker on its pool, or set cache.shard_runner=tasks"
+        ) from None
+
+
+def _resolved_one(ref):
+    return ref.result() if isinstance(ref, PrefectFuture) else ref
+
+
+def _resolved(upstream: dict) -> dict:
+    """Upstream refs with finished futures replaced by their results (sequential mode only waits)."""
+    return {stage: _resolved_one(ref) for stage, ref in upstream.items()}
+
+
+def _raise_failed(futures: list[PrefectFuture], what: str) -> None:
+    """Wait for every future; raise the first failure after all have finished (none left running)."""
+    wait(futures)
+    for future in futures:
+        future.result()  # re-raises the task's exception
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -71,9 +71,10 @@ class ProgressArtifact:
     Updates are throttled (the API is a network call) and never allowed to fail the stage.
     """
 
-    def __init__(self, plan: StagePlan, min_interval_s: float = 2.0):
+    def __init__(self, plan: StagePlan, min_interval_s: float = 2.0, name: str | None = None):
         self.plan = plan
-        self.key = artifact_key("craft", plan.stage, "progress")
+        self.name = name or plan.stage  # a part of the stage (e.g. cache_shard_1) has its own artifact
+        self.key = artifact_key("craft", self.name, "progress")
         self.min_interval_s = min_interval_s
         self.artifact_id = None
         self.last_update = 0.0
@@ -81,7 +82,7 @@ class ProgressArtifact:
 
     def _describe(self, done: int, total: int, metrics: dict) -> str:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-        return f"{self.plan.stage} {done}/{total}" + (f": {shown}" if shown else "")
+        return f"{self.name} {done}/{total}" + (f": {shown}" if shown else "")
 
     def __call__(self, done: int, total: int, metrics: dict) -> None:
         self.last = (done, total, metrics)

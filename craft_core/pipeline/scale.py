@@ -1,0 +1,128 @@
+"""Scaling out, without Prefect: the cache stage's shards, and the checks that refuse a scaled-out
+config before any stage runs.
+
+* Sharded extraction: ``cache.num_shards`` = N > 1 splits the anchor store's blocks into N
+  contiguous ranges (``craft_core.store.worker_blocks``); each shard is one process
+  (:func:`execute_cache_shard`) writing its blocks into the one store, then the cache stage itself
+  only checks the store and sets it complete. The flow runs the shards as N Prefect task runs (or
+  as runs of the shard deployment); :func:`run_cache_shards` runs them here, one process each, for
+  the experiments and the benchmark.
+* Pre-flight (:func:`check_scale_out`): a store root that cannot be written, or more training
+  processes than devices, is refused with the field named before anything runs.
+"""
+
+import os
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from craft_core.config import PipelineConfig
+from craft_core.extraction import cache_shard_stage, shard_done, store_location
+from craft_core.pipeline.graph import StagePlan, StageRef
+from craft_core.pipeline.isolation import call_stage
+
+Progress = Callable[[int, int, dict], None]
+
+
+def consumed_results(upstream: dict[str, StageRef]) -> dict[str, dict]:
+    """Upstream refs as a stage function receives them (``upstream=``)."""
+    return {name: {**ref.result, "stage": {"fingerprint": ref.fingerprint, "path": ref.path}}
+            for name, ref in upstream.items()}
+
+
+def shard_store_url(plan: StagePlan, assets: str | None) -> str:
+    return store_location(plan.kwargs(assets)["cfg"], Path(plan.path))
+
+
+def shard_is_done(plan: StagePlan, shard: int, assets: str | None) -> bool:
+    """Whether shard ``shard``'s blocks are written (or the cache stage is complete already)."""
+    if plan.stage_dir().is_complete():
+        return True
+    kwargs = plan.kwargs(assets)
+    return shard_done(store_location(kwargs["cfg"], Path(plan.path)), shard, kwargs["cfg"].num_shards)
+
+
+def execute_cache_shard(plan: StagePlan, shard: int, upstream: dict[str, StageRef], *, assets: str | None,
+                        progress: Progress | None = None) -> dict:
+    """Write shard ``shard`` of the cache stage's store, in its own process; returns the shard's result.
+
+    Nothing is done when the stage is complete or the shard's blocks are all written already.
+    """
+    if plan.kind != "cache":
+        raise ValueError(f"stage {plan.stage} is a {plan.kind} stage; only the cache stage has shards")
+    num_shards = plan.kwargs(assets)["cfg"].num_shards
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} is not one of cache.num_shards={num_shards}")
+    if plan.stage_dir().is_complete():
+        return {"shard": [shard, num_shards], "blocks_written": 0, "complete": True}
+    Path(plan.path).mkdir(parents=True, exist_ok=True)  # the stage's working directory (resumed, never committed here)
+    kwargs = {**plan.kwargs(assets), "upstream": consumed_results(upstream), "out_dir": Path(plan.path), "shard": shard}
+    return call_stage(cache_shard_stage, kwargs, isolate=True, progress=progress)
+
+
+def run_cache_shards(plan: StagePlan, upstream: dict[str, StageRef], *, assets: str | None) -> list[dict]:
+    """Every shard of the cache stage at once, one process each (the flow's task runs, without Prefect)."""
+    num_shards = plan.kwargs(assets)["cfg"].num_shards
+    with ThreadPoolExecutor(max_workers=num_shards, thread_name_prefix="cache-shard") as pool:
+        futures = [pool.submit(execute_cache_shard, plan, shard, upstream, assets=assets) for shard in range(num_shards)]
+        return [future.result() for future in futures]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight
+
+
+def check_store_root(url: str, *, field: str = "cache.store_root") -> None:
+    """Refuse a store root that cannot be written: a probe object is written and removed."""
+    import fsspec
+
+    probe_name = f".craft-probe-{uuid.uuid4().hex}"
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+        fs.makedirs(root, exist_ok=True)
+        probe = f"{root.rstrip('/')}/{probe_name}"
+        with fs.open(probe, "wb") as handle:
+            handle.write(b"craft")
+        fs.rm(probe)
+    except Exception as exc:  # any failure to reach or write it: refuse, naming the field and the cause
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        hint = (" For s3:// the credentials and endpoint come from the environment (AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an S3-compatible service) and the bucket must exist."
+                if url.startswith("s3://") else "")
+        raise ValueError(f"{field}={url!r} cannot be written ({type(exc).__name__}: {detail}); the sharded anchor "
+                         f"store needs storage every shard reaches.{hint}") from None
+
+
+def available_devices(device: str) -> tuple[int, str]:
+    """(how many data-parallel processes this machine can give a device each, what they are)."""
+    import torch
+
+    from craft_core.devices import uses_cuda
+
+    if uses_cuda(device):
+        return torch.cuda.device_count(), "CUDA device(s)"
+    return os.cpu_count() or 1, "CPU core(s)"
+
+
+def check_train_processes(cfg: PipelineConfig) -> None:
+    """Refuse more training processes per machine than this machine has devices (GPUs, or CPU cores)."""
+    train = cfg.train
+    if train.num_processes == 1:
+        return
+    count, what = available_devices(train.device)
+    if train.processes_per_machine > count:
+        raise ValueError(
+            f"train.num_processes={train.num_processes} over train.num_machines={train.num_machines} needs "
+            f"{train.processes_per_machine} process(es) on this machine, but it has {count} {what} "
+            f"(train.device={train.device!r}); lower train.num_processes or add machines (train.num_machines)"
+        )
+
+
+def check_scale_out(cfg: PipelineConfig) -> None:
+    """Everything about scaling out that can be refused before any stage runs (Prefect-free part)."""
+    stages = set(cfg.stages)
+    if "cache" in stages and cfg.cache.store_root is not None:
+        check_store_root(cfg.cache.store_root)
+    if "train" in stages:
+        check_train_processes(cfg)
