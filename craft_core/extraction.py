@@ -449,6 +449,8 @@ def cache_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSo
     markers = _written_markers(url)
     if markers is not None and len(markers) and markers.all():
         info = finalize_store(url)
+    elif cfg.store_root is not None and _store_complete(url):  # e.g. made by another machine's pipeline run
+        info = open_anchor_store(url).info()
     else:
         info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset)
     drift_stores = {}

@@ -453,5 +453,10 @@ def train_stage(cfg: TrainConfig, *, teacher: PolicySource, anchor_dataset: Data
                 upstream: dict[str, dict], out_dir: Path, progress: ProgressFn | None = None) -> dict:
     """The pipeline's train stage (one run): the anchor store comes from the cache stage's result."""
     store_url = upstream["cache"]["store_url"] if cfg.retention is not None else None
+    if cfg.num_processes > 1:  # data-parallel processes through torch's launcher (craft_core.launch)
+        from craft_core.launch import launch_train
+
+        return launch_train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress,
+                            anchor_dataset=anchor_dataset)
     return train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress,
                  anchor_dataset=anchor_dataset)

@@ -11,7 +11,6 @@ config before any stage runs.
   processes than devices, is refused with the field named before anything runs.
 """
 
-import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,29 +93,12 @@ def check_store_root(url: str, *, field: str = "cache.store_root") -> None:
                          f"store needs storage every shard reaches.{hint}") from None
 
 
-def available_devices(device: str) -> tuple[int, str]:
-    """(how many data-parallel processes this machine can give a device each, what they are)."""
-    import torch
-
-    from craft_core.devices import uses_cuda
-
-    if uses_cuda(device):
-        return torch.cuda.device_count(), "CUDA device(s)"
-    return os.cpu_count() or 1, "CPU core(s)"
-
-
 def check_train_processes(cfg: PipelineConfig) -> None:
     """Refuse more training processes per machine than this machine has devices (GPUs, or CPU cores)."""
-    train = cfg.train
-    if train.num_processes == 1:
-        return
-    count, what = available_devices(train.device)
-    if train.processes_per_machine > count:
-        raise ValueError(
-            f"train.num_processes={train.num_processes} over train.num_machines={train.num_machines} needs "
-            f"{train.processes_per_machine} process(es) on this machine, but it has {count} {what} "
-            f"(train.device={train.device!r}); lower train.num_processes or add machines (train.num_machines)"
-        )
+    from craft_core.launch import check_processes_fit
+
+    if cfg.train.num_processes > 1:
+        check_processes_fit(cfg.train)
 
 
 def check_scale_out(cfg: PipelineConfig) -> None:
