@@ -79,7 +79,9 @@ def check_store_root(url: str, *, field: str = "cache.store_root") -> None:
     probe_name = f".craft-probe-{uuid.uuid4().hex}"
     try:
         fs, root = fsspec.core.url_to_fs(url)
-        fs.makedirs(root, exist_ok=True)
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        if {"file", "local"} & set(protocols):
+            fs.makedirs(root, exist_ok=True)  # object stores have no folders (and must not create buckets)
         probe = f"{root.rstrip('/')}/{probe_name}"
         with fs.open(probe, "wb") as handle:
             handle.write(b"craft")

@@ -16,7 +16,7 @@ from tests.craft_core.test_train import make_anchor_store, read_metrics, retaine
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_two_process_train_stage_killed_then_resumed(tiny_pi0_fast, pusht_datasets, tmp_path):
     from craft_core.train import train_stage
 

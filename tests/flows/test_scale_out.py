@@ -1,6 +1,6 @@
 """Scaling out through the flow: the cache stage in N shard task runs (each its own process, tagged
-``gpu``) then one finalize, byte-identical to one process; per-shard caching and resume; refusals
-before any work."""
+``gpu``) then one finalize, byte-identical to one process; per-shard caching and resume; CRaFT
+training with 2 torchrun processes on the sharded store; refusals before any work."""
 
 import json
 from pathlib import Path
@@ -53,7 +53,7 @@ def run_flow(config):
 
 
 @pytest.mark.timeout(900)
-def test_sharded_cache_is_byte_identical_cached_per_shard_and_resumes_a_killed_shard(prefect_server, tmp_path):
+def test_sharded_cache_is_byte_identical_resumable_and_feeds_two_process_training(prefect_server, tmp_path):
     from craft_core.extraction import extract_anchors
 
     config = load_preset("smoke", [f"artifacts_root={tmp_path / 'artifacts'}", "stages=[assets,cache]",
@@ -103,6 +103,28 @@ def test_sharded_cache_is_byte_identical_cached_per_shard_and_resumes_a_killed_s
     # Everything complete: a third run is Cached throughout.
     runs = task_runs(run_flow(config))
     assert {name: run.state_name for name, run in runs.items()} == {name: "Cached" for name in runs}
+
+    # CRaFT training on that store with 2 processes through torchrun (gloo): the stage's result,
+    # checkpoints, metrics and progress artifact as with one process, and both ranks end with the same λ.
+    train_config = load_preset("smoke", [f"artifacts_root={tmp_path / 'artifacts'}", "stages=[train]",
+                                         "cache.num_shards=2", "cache.chunk_anchors=2", "runs={craft: {}}",
+                                         "train.num_processes=2", "train.batch_size=1"])
+    runs = task_runs(run_flow(train_config))
+    assert runs["train_craft"].state_name == "Completed"
+    train_plan = plan_pipeline(train_config)["train_craft"]
+    assert train_plan.upstream["cache"] == plan.fingerprint  # the sharded store
+    result = train_plan.stage_dir().result()
+    assert result["num_processes"] == 2 and result["steps"] == 4 and result["retention"] is True
+    assert sorted(result["checkpoints"]) == ["4"] and Path(result["checkpoint"], "model.safetensors").is_file()
+    records = [json.loads(line) for line in Path(result["metrics"]).read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[1]["retention_step"]
+    ranks = [json.loads(Path(train_plan.path, "launch", f"result.rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["final_lambda"] == ranks[1]["final_lambda"] == result["final_lambda"]
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    progress = httpx.get(f"{PREFECT_API_URL.value()}/artifacts/craft-train-craft-progress/latest", timeout=30).json()
+    assert progress["type"] == "progress" and float(progress["data"]) == pytest.approx(100.0)
 
 
 def test_more_shards_than_blocks_is_refused_naming_the_field():
