@@ -79,6 +79,23 @@ def _report_progress(metrics_path: Path, steps: int, progress: ProgressFn | None
     return seen
 
 
+def _stop_orphaned_ranks(launch_dir: Path, args_path: Path) -> None:
+    """SIGKILL ranks of an earlier launch of this run that outlived their launcher (torchrun starts
+    each rank in its own session, so a launcher killed hard leaves them running); only processes
+    whose command line is this run's ``craft_core.launch`` are touched."""
+    for pid_file in launch_dir.glob("rank*.pid"):
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if "craft_core.launch" in cmdline and str(args_path) in cmdline:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def launch_train(cfg: TrainConfig, *, teacher: PolicySource, store_url: str | None, out_dir: Path,
                  progress: ProgressFn | None = None, anchor_dataset: DatasetSource | None = None,
                  poll_s: float = 2.0) -> dict:
@@ -92,7 +109,8 @@ def launch_train(cfg: TrainConfig, *, teacher: PolicySource, store_url: str | No
         "cfg": cfg.model_dump(mode="json"), "teacher": teacher.model_dump(mode="json"), "store_url": store_url,
         "out_dir": str(out_dir), "anchor_dataset": anchor_dataset.model_dump(mode="json") if anchor_dataset else None,
     }, indent=2))
-    for stale in [out_dir / "result.json", *launch_dir.glob("result.rank*.json")]:
+    _stop_orphaned_ranks(launch_dir, args_path)
+    for stale in [out_dir / "result.json", *launch_dir.glob("result.rank*.json"), *launch_dir.glob("rank*.pid")]:
         stale.unlink(missing_ok=True)  # only this launch's results count
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     log_path = launch_dir / "torchrun.log"
@@ -136,10 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     args = json.loads(Path(argv[0]).read_text())
+    rank = int(os.environ.get("RANK", "0"))
+    # torchrun starts every rank in its own session: the pid lets an operator (or a test) stop a rank.
+    (Path(args["out_dir"]) / LAUNCH_DIR / f"rank{rank}.pid").write_text(str(os.getpid()))
     anchor_dataset = DatasetSource.model_validate(args["anchor_dataset"]) if args["anchor_dataset"] else None
     result = train(TrainConfig.model_validate(args["cfg"]), teacher=PolicySource.model_validate(args["teacher"]),
                    store_url=args["store_url"], out_dir=Path(args["out_dir"]), anchor_dataset=anchor_dataset)
-    rank = int(os.environ.get("RANK", "0"))
     (Path(args["out_dir"]) / LAUNCH_DIR / f"result.rank{rank}.json").write_text(json.dumps(result, indent=2))
     return 0
 

@@ -286,7 +286,10 @@ def train(
     ds = cfg.dataset
     ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
     source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
-    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device), trainable=True)
+    # Under torchrun on CPU accelerate's device is "cpu:0", which lerobot's config refuses when the
+    # checkpoint is loaded again (resume, eval): the saved config must say "cpu".
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    policy = load_policy(source, ds_meta=ds_meta, device=device, trainable=True)
     # The statistics the checkpoint will be deployed with (train.normalization); a resumed run keeps its own.
     stats = None if resume_from else fine_tuning_stats(cfg.normalization, task_dataset=ds, anchor_dataset=anchor_dataset)
     preprocessor, postprocessor = make_processors(policy, dataset_stats=stats, pretrained_path=source.path)

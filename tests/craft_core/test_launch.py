@@ -40,8 +40,14 @@ def test_two_process_train_stage_killed_then_resumed(tiny_pi0_fast, pusht_datase
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and thread.is_alive() and not (out / "checkpoints" / "last").exists():
         time.sleep(0.05)
-    # Kill the launcher and both ranks at once, as a crashed node would.
+    # Kill the launcher and both ranks at once, as a crashed node would (torchrun starts each rank in
+    # its own session, so the launcher's process group does not hold them).
     os.killpg(int((out / "launch" / "torchrun.pid").read_text()), signal.SIGKILL)
+    for rank in (0, 1):
+        try:
+            os.kill(int((out / "launch" / f"rank{rank}.pid").read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     thread.join(timeout=120)
     assert failure and "run the stage again to resume" in str(failure[0]), failure
     killed_at = int((out / "checkpoints" / "last").resolve().name)
