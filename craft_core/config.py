@@ -539,7 +539,8 @@ class PipelineConfig(StrictModel):
         default=False,
         description="Submit stages that do not depend on each other together (the fine-tuning runs, the evaluation "
         "of each policy), each in its own process; the `gpu` tag's concurrency limit decides how many run at once. "
-        "Off: one stage after the other (measured faster on a 2-core CPU)",
+        "Off: one stage after the other (the default: on a 2-core CPU concurrent stages share the cores and each "
+        "pays its own process start-up; benchmarks/bench_parallel_stages.py measures both)",
     )
 
     @field_validator("runs")
