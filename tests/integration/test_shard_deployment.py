@@ -113,7 +113,7 @@ def test_two_shards_on_two_workers_write_one_store_on_s3(tmp_path, s3_endpoint):
 
         shard_runs = stack.api("POST", "/flow_runs/filter", json={
             "deployments": {"name": {"any_": ["extract-shard"]}}})
-        assert sorted(run["name"].rsplit("_", 1)[-1] for run in shard_runs) == ["0", "1"]
+        assert sorted(run["name"] for run in shard_runs) == ["extract-shard-0", "extract-shard-1"]
         assert all(run["state_type"] == "COMPLETED" for run in shard_runs)
         parents = {run["parent_task_run_id"] for run in shard_runs}
         assert None not in parents and len(parents) == 2  # each started by its own shard task of the parent
