@@ -51,6 +51,15 @@ NON_SEMANTIC_SETTINGS = frozenset({
     "train.num_workers",
     "train.log_every",  # how often progress is reported; metrics.jsonl has every step regardless
     "train.wandb_project",
+    # Scaling out: how many processes/machines write the same store (byte-identical whatever N) and
+    # where torch's launcher finds its peers. train.num_processes is semantic (world size x batch).
+    "cache.num_shards",
+    "cache.shard_runner",
+    "cache.shard_deployment",
+    "train.num_machines",
+    "train.machine_rank",
+    "train.main_process_addr",
+    "train.main_process_port",
 })
 
 
@@ -202,6 +211,46 @@ class CacheConfig(StrictModel):
     shard_chunks: int | None = Field(default=None, ge=1, description="Chunks per Zarr shard (None = no sharding)")
     heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
     num_workers: int = Field(default=0, ge=0)
+    num_shards: int = Field(
+        default=1, ge=1,
+        description="Extract with this many shard processes, each writing its own contiguous range of store "
+        "blocks (one Prefect task run each, tagged gpu), then one finalize; the store is byte-identical "
+        "whatever the number. Needs at least as many blocks (chunk_anchors x shard_chunks anchors each)",
+    )
+    shard_runner: Literal["tasks", "deployment"] = Field(
+        default="tasks",
+        description="tasks: shards are task runs of this flow run, each in its own process on this machine; "
+        "deployment: each shard is a run of the shard deployment (shard_deployment) on whatever workers "
+        "serve its pool, possibly other machines (needs store_root on storage they all reach)",
+    )
+    shard_deployment: str = Field(
+        default="craft/extract-shard", description="Deployment (flow/deployment name) that runs one extraction shard"
+    )
+    store_root: str | None = Field(
+        default=None,
+        description="Where the anchor store lives: <store_root>/<cache fingerprint>/anchors.zarr, any fsspec URL "
+        "(s3://bucket/prefix with credentials from the environment) or local folder; None = in the cache stage's "
+        "own directory",
+    )
+
+    @model_validator(mode="after")
+    def _check_shards(self) -> "CacheConfig":
+        if self.num_shards > self.n_anchors:
+            raise ValueError(f"num_shards={self.num_shards} is larger than n_anchors={self.n_anchors}: every shard "
+                             "needs at least one block of anchors; lower cache.num_shards")
+        if self.num_shards > 1 and self.chunk_anchors is not None:
+            block = min(self.chunk_anchors, self.n_anchors) * (self.shard_chunks or 1)
+            n_blocks = -(-self.n_anchors // block)
+            if self.num_shards > n_blocks:
+                raise ValueError(
+                    f"num_shards={self.num_shards} is larger than the store's {n_blocks} block(s) ({self.n_anchors} "
+                    f"anchors, {block} per block = chunk_anchors x shard_chunks); lower cache.num_shards to at most "
+                    f"{n_blocks} or make blocks smaller (cache.chunk_anchors)"
+                )
+        if self.shard_runner == "deployment" and self.store_root is None:
+            raise ValueError("shard_runner='deployment' runs shards on other workers, possibly other machines: set "
+                             "cache.store_root to storage they all reach (e.g. s3://bucket/craft)")
+        return self
 
     @field_validator("layers")
     @classmethod
@@ -385,6 +434,19 @@ class TrainConfig(StrictModel):
     log_every: int = Field(default=10, ge=1)
     max_nonfinite_steps: int = Field(default=10, ge=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_processes: int = Field(
+        default=1, ge=1,
+        description="Data-parallel processes in all (accelerate's meaning), started by torch's launcher (torchrun), "
+        "one device each (NCCL on GPUs, gloo on CPU); batch_size is per process",
+    )
+    num_machines: int = Field(default=1, ge=1, description="Machines the processes are spread over (torchrun --nnodes)")
+    machine_rank: int = Field(default=0, ge=0, description="This machine's rank among num_machines (torchrun --node_rank)")
+    main_process_addr: str | None = Field(
+        default=None, description="Address of machine 0 for multi-machine runs (torchrun --master_addr)"
+    )
+    main_process_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Port on machine 0 (torchrun --master_port); None = a free port"
+    )
     normalization: Literal["task", "teacher", "union"] = Field(
         default="teacher",
         description="Statistics the fine-tuned checkpoint normalises with: task (the new dataset's, as "
@@ -407,6 +469,22 @@ class TrainConfig(StrictModel):
 
         image_transforms_config(value)  # raises naming the field
         return value
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> "TrainConfig":
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes={self.num_processes} (all machines together) is not a multiple of "
+                             f"num_machines={self.num_machines}; every machine runs the same number of processes")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank={self.machine_rank} must be < num_machines={self.num_machines}")
+        if self.num_machines > 1 and (self.main_process_addr is None or self.main_process_port is None):
+            raise ValueError(f"num_machines={self.num_machines}: set train.main_process_addr and train.main_process_port "
+                             "(machine 0's address and a port every machine can reach)")
+        return self
+
+    @property
+    def processes_per_machine(self) -> int:
+        return self.num_processes // self.num_machines
 
 
 RUN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -525,6 +603,13 @@ class PipelineConfig(StrictModel):
         description="The fine-tuning runs to compare, by name; each is `train` with its differences",
     )
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    concurrent_stages: bool = Field(
+        default=False,
+        description="Submit stages that do not depend on each other together (the fine-tuning runs, the evaluation "
+        "of each policy), each in its own process; the `gpu` tag's concurrency limit decides how many run at once. "
+        "Off: one stage after the other (the default: on a 2-core CPU concurrent stages share the cores and each "
+        "pays its own process start-up; benchmarks/bench_parallel_stages.py measures both)",
+    )
 
     @field_validator("runs")
     @classmethod

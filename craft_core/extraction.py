@@ -36,8 +36,10 @@ from craft_core.config import CacheConfig, DatasetSource, DriftSetConfig, semant
 from craft_core.devices import resolve_device
 from craft_core.noise import progress_bars
 from craft_core.store import (
+    MARKERS,
     AnchorStoreWriter,
     StoreLayout,
+    block_ranges,
     finalize_store,
     heldout_mask,
     input_path,
@@ -153,7 +155,7 @@ def cache_fingerprint(cfg: CacheConfig, teacher: dict, dataset: dict, compute: d
                       normalization: str = "anchor_dataset", task_dataset: DatasetSource | None = None) -> str:
     # Where and how fast it ran is not what it holds: the resolved device type and autocast are
     # in `compute`, the shared non-semantic settings are dropped.
-    content = semantic(cfg.model_dump(mode="json", exclude={"device"}), "cache")
+    content = semantic(cfg.model_dump(mode="json", exclude={"device", "store_root"}), "cache")
     content["chunk_anchors"] = chunk_anchors
     # The local path is where the teacher is, not what it is: its content digest identifies it.
     if "content" in teacher:
@@ -291,6 +293,14 @@ def extract_anchors(
         "fingerprint": cache_fingerprint(cfg, teacher, data_id, compute, layout.chunk_anchors,
                                          normalization=stats_name, task_dataset=task_dataset),
     }
+    if shard is not None:
+        n_blocks = len(block_ranges(layout.n_anchors, layout.block_anchors))
+        if shard[1] > n_blocks:
+            raise ValueError(
+                f"cache.num_shards={shard[1]} is larger than the store's {n_blocks} block(s) ({layout.n_anchors} anchors, "
+                f"{layout.block_anchors} per block); lower cache.num_shards to at most {n_blocks} or set a smaller "
+                "cache.chunk_anchors"
+            )
     writer = AnchorStoreWriter(store_url, layout)
     if writer.group.attrs.get("complete"):
         return open_anchor_store(store_url).info()
@@ -370,15 +380,100 @@ def extract_anchors(
 DRIFT_STORES_DIR = "drift_sets"
 
 
+def store_location(cfg: CacheConfig, out_dir: Path) -> str:
+    """Where the cache stage's anchor store lives: ``<out_dir>/anchors.zarr``, or with ``cache.store_root``
+    ``<store_root>/<stage fingerprint>/anchors.zarr`` (the stage directory is named by its fingerprint)."""
+    if cfg.store_root is None:
+        return str(Path(out_dir) / STORE_NAME)
+    return f"{cfg.store_root.rstrip('/')}/{Path(out_dir).name}/{STORE_NAME}"
+
+
+def _written_markers(store_url: str) -> np.ndarray | None:
+    """The store's per-block written markers, or None when there is no store (yet) or it is complete."""
+    from craft_core.store.layout import open_group
+
+    try:
+        group = open_group(store_url, "r")
+        if group.attrs.get("complete"):
+            return None
+        return np.asarray(group[MARKERS][:])
+    except Exception:  # absent, or not created far enough to hold markers
+        return None
+
+
+def _store_complete(store_url: str) -> bool:
+    from craft_core.store.layout import open_group
+
+    try:
+        return bool(open_group(store_url, "r").attrs.get("complete"))
+    except Exception:
+        return False
+
+
+def shard_done(store_url: str, shard: int, num_shards: int) -> bool:
+    """Whether every block of worker ``shard`` of ``num_shards`` is written (or the whole store complete)."""
+    if _store_complete(store_url):
+        return True
+    markers = _written_markers(store_url)
+    if markers is None:
+        return False
+    mine = worker_blocks(len(markers), (shard, num_shards))
+    return bool(mine) and bool(markers[mine].all())
+
+
+def shard_device(requested: str, shard: int) -> str:
+    """The device of shard ``shard`` on this machine: with several visible GPUs, shards take turns over them."""
+    import torch
+
+    if requested in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return f"cuda:{shard % torch.cuda.device_count()}"
+    return requested
+
+
+def extract_shard(cfg: CacheConfig, *, store_url: str, shard: int, num_shards: int, normalization: str,
+                  task_dataset: DatasetSource | None, progress: Progress | None = None,
+                  policy_options: dict | None = None) -> dict:
+    """One shard of the cache stage: worker ``shard`` of ``num_shards`` writes its blocks of the store.
+
+    A shard whose blocks are all written returns at once (its result is cached by the store itself);
+    a killed one, run again alone, resumes at its first unwritten block.
+    """
+    if shard_done(store_url, shard, num_shards):
+        return {"store_url": store_url, "shard": [shard, num_shards], "blocks_written": 0, "complete": False}
+    cfg = cfg.model_copy(update={"device": shard_device(cfg.device, shard)})
+    return extract_anchors(cfg, store_url, progress=progress, shard=(shard, num_shards),
+                           normalization=normalization, task_dataset=task_dataset, policy_options=policy_options)
+
+
+def cache_shard_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSource | None,
+                      drift_sets: list[DriftSetConfig], upstream: dict[str, dict], out_dir: Path, shard: int,
+                      progress: Progress | None = None, policy_options: dict | None = None) -> dict:
+    """One shard of the pipeline's cache stage, writing into the store :func:`cache_stage` then finalizes."""
+    return extract_shard(cfg, store_url=store_location(cfg, out_dir), shard=shard, num_shards=cfg.num_shards,
+                         normalization=normalization, task_dataset=task_dataset, progress=progress,
+                         policy_options=policy_options)
+
+
 def cache_stage(cfg: CacheConfig, *, normalization: str, task_dataset: DatasetSource | None,
                 drift_sets: list[DriftSetConfig], upstream: dict[str, dict], out_dir: Path,
                 progress: Progress | None = None, policy_options: dict | None = None) -> dict:
-    """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr``, plus one evaluation-only
-    store per ``eval.drift_sets`` entry (``<out_dir>/drift_sets/<name>.zarr``: the same teacher, targets,
-    layers and statistics on other frames, e.g. held-out episodes); returns the StoreInfo."""
-    url = str(Path(out_dir) / STORE_NAME)
-    info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset,
-                           policy_options=policy_options)
+    """The pipeline's cache stage: the anchor store at ``<out_dir>/anchors.zarr`` (or under ``cache.store_root``),
+    plus one evaluation-only store per ``eval.drift_sets`` entry (``<out_dir>/drift_sets/<name>.zarr``: the same
+    teacher, targets, layers and statistics on other frames, e.g. held-out episodes); returns the StoreInfo.
+
+    After sharded extraction (``cache.num_shards`` shard runs) every block is written and this only checks
+    the store and sets it complete (:func:`finalize_store`), without loading the teacher; any block still
+    missing (a shard that was not run) is extracted here first.
+    """
+    url = store_location(cfg, out_dir)
+    markers = _written_markers(url)
+    if markers is not None and len(markers) and markers.all():
+        info = finalize_store(url)
+    elif cfg.store_root is not None and _store_complete(url):  # e.g. made by another machine's pipeline run
+        info = open_anchor_store(url).info()
+    else:
+        info = extract_anchors(cfg, url, progress=progress, normalization=normalization, task_dataset=task_dataset,
+                               policy_options=policy_options)
     drift_stores = {}
     for drift_set in drift_sets:
         drift_url = str(Path(out_dir) / DRIFT_STORES_DIR / f"{drift_set.name}.zarr")

@@ -347,7 +347,10 @@ def train(
     ds = cfg.dataset
     ds_meta = LeRobotDatasetMetadata(ds.repo_id, root=ds.root, revision=ds.revision)
     source = PolicySource(path=str(pretrained_model_dir(resume_from))) if resume_from else teacher
-    policy = load_policy(source, ds_meta=ds_meta, device=str(accelerator.device), trainable=True,
+    # Under torchrun on CPU accelerate's device is "cpu:0", which lerobot's config refuses when the
+    # checkpoint is loaded again (resume, eval): the saved config must say "cpu".
+    device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+    policy = load_policy(source, ds_meta=ds_meta, device=device, trainable=True,
                          options=cfg.policy if not resume_from else None, rename_map=ds.rename_map)
     if cfg.peft is not None and not resume_from:
         policy = wrap_with_peft(policy, cfg.peft, teacher)
@@ -532,5 +535,10 @@ def train_stage(cfg: TrainConfig, *, teacher: PolicySource, anchor_dataset: Data
                 upstream: dict[str, dict], out_dir: Path, progress: ProgressFn | None = None) -> dict:
     """The pipeline's train stage (one run): the anchor store comes from the cache stage's result."""
     store_url = upstream["cache"]["store_url"] if cfg.retention is not None else None
+    if cfg.num_processes > 1:  # data-parallel processes through torch's launcher (craft_core.launch)
+        from craft_core.launch import launch_train
+
+        return launch_train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress,
+                            anchor_dataset=anchor_dataset)
     return train(cfg, teacher=teacher, store_url=store_url, out_dir=out_dir, progress=progress,
                  anchor_dataset=anchor_dataset)

@@ -109,8 +109,9 @@ class LocalPrefect:
         self.prefect("deploy", "--prefect-file", str(PREFECT_FILE), "--name", name, "--pool", self.pool,
                      "--no-prompt")
 
-    def start_worker(self) -> subprocess.Popen:
-        return self._spawn("worker", "worker", "start", "--pool", self.pool, "--type", "process")
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        """A process worker on the pool; several, with distinct names, serve it side by side."""
+        return self._spawn(name, "worker", "start", "--pool", self.pool, "--type", "process", "--name", f"craft-{name}")
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process group we started (worker first), SIGKILL what outlives the grace."""
@@ -200,6 +201,7 @@ def main() -> int:
     try:
         stack.start_server()
         stack.deploy()
+        stack.deploy("extract-shard")  # cache.shard_runner=deployment runs each shard as a run of it
         stack.start_worker()
         print(f"Prefect UI:  {stack.ui_url}")
         print(f"export PREFECT_API_URL={stack.api_url}")

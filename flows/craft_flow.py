@@ -123,12 +123,14 @@ if __name__ == "__main__":
 
 # Prefect and the stages' code are imported only once the command line is known to be good.
 from prefect import flow  # noqa: E402
+from prefect.futures import PrefectFuture, wait  # noqa: E402
 
 from craft_core.pipeline import StageRef, assets_dir, existing_ref, isolate_stage, plan_pipeline  # noqa: E402
 from craft_core import noise  # noqa: E402
 from craft_core.pipeline.preflight import preflight  # noqa: E402
 from tasks import common  # noqa: E402
 from tasks.common import run_logger, stage_task_options  # noqa: E402
+from tasks.shards import submit_cache_shards  # noqa: E402
 from tasks.stages import run_stage_task  # noqa: E402
 
 
@@ -157,25 +159,41 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
     # Bad inputs fail here, before any stage, with one line per problem (deployment runs too; the
     # command line checked them already). Consumed-but-unselected outputs are checked as consumed.
     preflight(config, check_upstream=False)
+    check_shard_deployment(config)
     plans = plan_pipeline(config)
     selected = [plan for plan in plans.values() if plan.section in config.stages]
-    refs: dict[str, StageRef] = {}
+    refs: dict[str, StageRef | PrefectFuture] = {}
 
-    def ref_of(stage: str) -> StageRef:
+    def ref_of(stage: str) -> StageRef | PrefectFuture:
         if stage not in refs:  # consumed but not selected: its output for this config must exist
             refs[stage] = existing_ref(plans[stage])
             logger.info("stage %s not selected; using its output %s", stage, plans[stage].path)
         return refs[stage]
 
+    concurrent = config.concurrent_stages
+    console = common.CONSOLE if not concurrent else None  # one redrawn line per stage needs one stage at a time
     for index, plan in enumerate(selected, start=1):
         logger.info("stage %d/%d: %s", index, len(selected), plan.stage)
-        if common.CONSOLE is not None:
-            common.CONSOLE.start(index, len(selected), plan.stage)
+        if console is not None:
+            console.start(index, len(selected), plan.stage)
         upstream = {stage: ref_of(stage) for stage in plan.upstream}
+        if plan.kind == "cache" and config.cache.num_shards > 1:
+            # N shard task runs at once (each its own process, or a run of the shard deployment);
+            # the cache task after them only checks the store and sets it complete.
+            _raise_failed(submit_cache_shards(plan, _resolved(upstream), assets_dir(plans)))
         task = run_stage_task.with_options(**stage_task_options(plan))
-        refs[plan.stage] = task(plan, upstream, assets_dir(plans), isolate_stage(config, plan))
-        if common.CONSOLE is not None:
-            common.CONSOLE.finish(plan.stage)
+        isolate = isolate_stage(config, plan)
+        if concurrent:
+            # Stages submitted together share this process's threads: each runs in its own process
+            # (torch's global RNG, accelerate's state and CUDA memory are per process).
+            refs[plan.stage] = task.submit(plan, upstream, assets_dir(plans), isolate or plan.gpu)
+        else:
+            refs[plan.stage] = task(plan, _resolved(upstream), assets_dir(plans), isolate)
+        if console is not None:
+            console.finish(plan.stage)
+    if concurrent:
+        _raise_failed([ref for ref in refs.values() if isinstance(ref, PrefectFuture)])
+        refs = {stage: _resolved_one(ref) for stage, ref in refs.items()}
 
     summary = {
         "artifacts_root": next(iter(plans.values())).artifacts_root,
@@ -185,6 +203,42 @@ def craft(config: PipelineConfig = load_preset(DEFAULT_PRESET)) -> dict:
         summary["report"] = refs["report"].result["report_md"]
         print(f"craft report: {summary['report']}")
     return summary
+
+
+def check_shard_deployment(config: PipelineConfig) -> None:
+    """Refuse, before any stage, shard runs of a deployment the Prefect server does not have."""
+    if "cache" not in config.stages or config.cache.num_shards <= 1 or config.cache.shard_runner != "deployment":
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    name = config.cache.shard_deployment
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        raise ValueError(
+            f"cache.shard_deployment={name!r}: the Prefect server ({PREFECT_API_URL.value() or 'temporary local server'}) "
+            "has no such deployment; deploy it first (prefect deploy --prefect-file deployments/prefect.yaml --name "
+            "extract-shard) and start a worker on its pool, or set cache.shard_runner=tasks"
+        ) from None
+
+
+def _resolved_one(ref):
+    return ref.result() if isinstance(ref, PrefectFuture) else ref
+
+
+def _resolved(upstream: dict) -> dict:
+    """Upstream refs with finished futures replaced by their results (sequential mode only waits)."""
+    return {stage: _resolved_one(ref) for stage, ref in upstream.items()}
+
+
+def _raise_failed(futures: list[PrefectFuture]) -> None:
+    """Wait for every future; raise the first failure after all have finished (none left running)."""
+    wait(futures)
+    for future in futures:
+        future.result()  # re-raises the task's exception
 
 
 def quiet_console() -> None:

@@ -171,16 +171,17 @@ class ProgressArtifact:
     Updates are throttled (the API is a network call) and never allowed to fail the stage.
     """
 
-    def __init__(self, plan: StagePlan, min_interval_s: float = 2.0):
+    def __init__(self, plan: StagePlan, min_interval_s: float = 2.0, name: str | None = None):
         self.plan = plan
-        self.key = artifact_key("craft", plan.stage, "progress")
+        self.name = name or plan.stage  # a part of the stage (e.g. cache_shard_1) has its own artifact
+        self.key = artifact_key("craft", self.name, "progress")
         self.min_interval_s = min_interval_s
         self.artifact_id = None
         self.last_update = 0.0
         self.last: tuple[int, int, dict] | None = None
 
     def _describe(self, done: int, total: int, metrics: dict) -> str:
-        return progress_table(self.plan.stage, done, total, metrics)
+        return progress_table(self.name, done, total, metrics)
 
     def __call__(self, done: int, total: int, metrics: dict) -> None:
         self.last = (done, total, metrics)

@@ -44,6 +44,16 @@ class Problem:
         return f"{self.field}={self.value!r}: {self.cause}; fix: {self.fix}"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A problem whose message already names the field, the cause and the fix (scale-out checks)."""
+
+    message: str
+
+    def line(self) -> str:
+        return self.message
+
+
 class PreflightError(ValueError):
     """Config values that would make a stage fail; the message is one line per problem."""
 
@@ -65,6 +75,7 @@ def preflight(cfg: PipelineConfig, *, check_upstream: bool = True) -> None:
         problems += _teacher(cfg, teacher, assets_dir=None)
     for field, source in _datasets(cfg, selected):
         problems += _dataset(field, source, assets_dir=None)
+    problems += _scale_out(cfg)
     if problems:
         raise PreflightError(problems)
     # Planning imports every stage's code: only when a stage is consumed without being selected, or
@@ -366,3 +377,17 @@ def is_input_error(exc: BaseException) -> bool:
     # craft's own refusals that are RuntimeErrors (by name: importing their modules costs seconds)
     return type(exc).__name__ in {"PolicyLoadError", "RetentionSetupError", "ResumeConfigMismatch",
                                   "SimulatorUnavailableError", "NonFiniteLossError"}
+
+
+def _scale_out(cfg: PipelineConfig) -> list:
+    """A store root nobody can write, more training processes than devices (only when scaled out:
+    the checks import the extraction and launch code)."""
+    if cfg.cache.store_root is None and cfg.train.num_processes <= 1:
+        return []
+    from craft_core.pipeline.scale import check_scale_out
+
+    try:
+        check_scale_out(cfg)
+    except ValueError as exc:
+        return [Refusal(" ".join(str(exc).split()))]
+    return []

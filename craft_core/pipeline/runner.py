@@ -53,10 +53,15 @@ def execute_stage(plan: StagePlan, upstream: dict[str, StageRef], *, assets: str
 
 def run_pipeline(cfg: PipelineConfig, *, log: Callable[[str], None] = print) -> dict[str, StageRef]:
     """Every stage of ``cfg`` in order, in this process (or its own, per ``cfg.isolation``)."""
+    from craft_core.pipeline.scale import check_scale_out, run_cache_shards
+
     plans = plan_pipeline(cfg)
+    check_scale_out(cfg)
     refs: dict[str, StageRef] = {}
     for index, (name, plan) in enumerate(plans.items(), start=1):
         started = time.perf_counter()
+        if plan.kind == "cache" and cfg.cache.num_shards > 1 and not plan.stage_dir().is_complete():
+            run_cache_shards(plan, {up: refs[up] for up in plan.upstream}, assets=assets_dir(plans))
         refs[name], executed = execute_stage(
             plan, {up: refs[up] for up in plan.upstream}, assets=assets_dir(plans),
             isolate=isolate_stage(cfg, plan),
