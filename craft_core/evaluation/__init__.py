@@ -367,7 +367,10 @@ def run_source(name: str, path: str, teacher: PolicySource | None) -> PolicySour
         raise CheckpointError(f"run {name!r}: checkpoint folder {folder} does not exist. {hint}")
     if not folder.is_dir():
         raise CheckpointError(f"run {name!r}: checkpoint {folder} is a file, not a folder. {hint}")
-    for required in ("config.json", "model.safetensors"):
+    # A PEFT checkpoint (train.peft, as lerobot saves PEFT runs) holds adapters instead of full weights.
+    weights = ("adapter_config.json", "adapter_model.safetensors") if (folder / "adapter_config.json").is_file() \
+        else ("model.safetensors",)
+    for required in ("config.json", *weights):
         if not (folder / required).is_file():
             present = sorted(p.name for p in folder.iterdir())
             raise CheckpointError(
