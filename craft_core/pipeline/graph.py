@@ -37,12 +37,24 @@ from craft_core.config import (
     PolicySource,
     TrainConfig,
 )
-from craft_core.demo.assets import assets_stage
 from craft_core.evaluation import eval_run_stage, report_stage
 from craft_core.evaluation.report import pipeline_summary
 from craft_core.extraction import cache_stage
 from craft_core.pipeline.fingerprint import StageDir, code_version, stage_fingerprint
 from craft_core.train import train_stage
+
+
+def assets_stage(**kwargs) -> dict:
+    """The offline demo's assets stage (``craft_core.demo.assets``), imported only when a config has an
+    ``assets`` section, so planning a production pipeline loads no demo code."""
+    from craft_core.demo.assets import assets_stage as build_assets
+
+    return build_assets(**kwargs)
+
+
+# The stage's code version is its real module's import closure, not this wrapper's (graph.py reaches
+# every stage's code, so that would re-run the assets whenever any stage changed).
+assets_stage.__module__ = "craft_core.demo.assets"
 
 ASSETS_PLACEHOLDER = "${assets}"
 
