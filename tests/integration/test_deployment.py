@@ -61,7 +61,7 @@ def test_deployment_full_smoke_runs_then_is_cached(tmp_path):
             assert first_record[f"retention_loss/{target}"] <= 1e-6, target
 
         report = stack.latest_artifact("craft-report")
-        assert report["type"] == "markdown" and "craft evaluation report" in report["data"]
+        assert report["type"] == "markdown" and report["data"].startswith("# craft report: craft-smoke")
         assert report["flow_run_id"] == first_id
         comparison = json.loads(stack.latest_artifact("craft-comparison")["data"])
         assert {row["run"] for row in comparison} == {"teacher", "baseline", "craft"}
