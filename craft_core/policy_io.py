@@ -231,9 +231,6 @@ def load_policy(
     trainable it comes back as the ``PeftModel`` (resume), frozen with the adapters merged into a
     plain policy (evaluation).
     """
-    from lerobot.policies.factory import get_policy_class, make_policy
-
-    from craft_core.noise import quiet_prints
     from craft_core.policy_options import apply_policy_options, freezes_anything
 
     cfg = load_policy_config(source)
@@ -243,6 +240,21 @@ def load_policy(
     if getattr(cfg, "use_peft", False):
         return _load_peft_checkpoint(cfg, folder, ds_meta=ds_meta, device=device, trainable=trainable,
                                      rename_map=rename_map)
+    policy = _build_from_folder(cfg, folder, ds_meta=ds_meta, device=device, rename_map=rename_map)
+    policy.train(trainable)
+    if not trainable:
+        policy.requires_grad_(False)
+    elif not freezes_anything(policy.config):
+        policy.requires_grad_(True)
+    return policy
+
+
+def _build_from_folder(cfg, folder: Path, *, ds_meta, device, rename_map=None):
+    """The lerobot policy of ``cfg`` with the weights of ``folder``, checked to have loaded them all."""
+    from lerobot.policies.factory import get_policy_class, make_policy
+
+    from craft_core.noise import quiet_prints
+
     with policy_loading_context(folder), quiet_prints():  # lerobot's load banner and chatter: noise.py
         if ds_meta is not None:
             policy = make_policy(cfg, ds_meta=ds_meta, rename_map=rename_map or None)
@@ -250,11 +262,6 @@ def load_policy(
             policy = get_policy_class(cfg.type).from_pretrained(str(folder), config=cfg)
     policy.to(device)
     _check_weights_loaded(policy, folder)
-    policy.train(trainable)
-    if not trainable:
-        policy.requires_grad_(False)
-    elif not freezes_anything(policy.config):
-        policy.requires_grad_(True)
     return policy
 
 
@@ -273,17 +280,7 @@ def _load_peft_checkpoint(cfg, folder: Path, *, ds_meta, device, trainable: bool
     base_cfg.pretrained_path = str(base_folder)
     base_cfg.use_peft = False
     base_cfg.device = str(device)
-    from lerobot.policies.factory import get_policy_class, make_policy
-
-    from craft_core.noise import quiet_prints
-
-    with policy_loading_context(base_folder), quiet_prints():
-        if ds_meta is not None:
-            base = make_policy(base_cfg, ds_meta=ds_meta, rename_map=rename_map or None)
-        else:
-            base = get_policy_class(base_cfg.type).from_pretrained(str(base_folder), config=base_cfg)
-    base.to(device)
-    _check_weights_loaded(base, base_folder)
+    base = _build_from_folder(base_cfg, base_folder, ds_meta=ds_meta, device=device, rename_map=rename_map)
     model = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
     model.to(device)
     if trainable:
