@@ -84,29 +84,11 @@ class StepClock:
 
 
 def build_assets(work: Path) -> dict:
-    """A pusht task to fine-tune on, a tiny pi0_fast teacher for another, and its anchor store."""
-    from craft_core.config import CacheConfig, DatasetSource, PolicySource
-    from craft_core.demo.sim_datasets import PUSHT_TASKS, record_dataset
-    from craft_core.demo.tiny import build_tiny_policy
-    from craft_core.extraction import extract_anchors
+    """The same pusht tasks, tiny pi0_fast teacher and anchor store as bench_step (run as a script,
+    this folder is on sys.path)."""
+    from bench_step import build_assets as build_step_assets
 
-    datasets = {}
-    for task in ("push_t", "circle"):
-        root = work / f"pusht_{task}"
-        meta = record_dataset("pusht", task, repo_id=f"local/pusht_{task}", root=root, n_episodes=2,
-                              max_steps=30, image_size=96, seed=0)
-        datasets[task] = {"repo_id": f"local/pusht_{task}", "root": root, "meta": meta}
-    teacher = build_tiny_policy("pi0_fast", work / "teacher", ds_meta=datasets["circle"]["meta"], seed=0,
-                                extra_texts=list(PUSHT_TASKS.values()))
-    store = work / "anchors.zarr"
-    extract_anchors(
-        CacheConfig(teacher=PolicySource(path=str(teacher)),
-                    dataset=DatasetSource(repo_id=datasets["circle"]["repo_id"], root=str(datasets["circle"]["root"])),
-                    n_anchors=32, dtype="float32", batch_size=8, device="cpu", heldout_fraction=0.0,
-                    targets=["prefix", "action_output"]),
-        str(store),
-    )
-    return {"teacher": teacher, "store": str(store), "task": datasets["push_t"]}
+    return build_step_assets(work)
 
 
 def run_lerobot(teacher: Path, task: dict, *, steps: int, batch_size: int, seed: int, out_dir: Path) -> dict:
