@@ -209,3 +209,31 @@ def test_damage_is_refused_naming_the_array(store_copy, kind):
     error = excinfo.value
     assert str(store_copy) in str(error) and error.remedy, str(error)
     REFUSALS[kind] = str(error).splitlines()[0]
+
+
+def _redigest(url: Path, algorithm: str | None) -> None:
+    """Rewrite the block digests the way an earlier craft wrote them (``None``: before the
+    digest_algorithm attribute existed, blake2b)."""
+    from craft_core.store.layout import DIGESTS, LEGACY_DIGEST_ALGORITHM, block_digest
+
+    store = open_anchor_store(url, verify=False)
+    group = zarr.open_group(str(url), mode="r+")
+    digests = np.zeros_like(group[DIGESTS][:])
+    for block, (start, stop) in enumerate(store.blocks):
+        values = store.read(start, stop, store.description.digest_arrays, verify=False)
+        for column, name in enumerate(store.description.digest_arrays):
+            digests[block, column] = block_digest(values[name], algorithm or LEGACY_DIGEST_ALGORITHM)
+    group[DIGESTS][:] = digests
+    if algorithm is None:
+        del group.attrs["digest_algorithm"]
+    else:
+        group.attrs["digest_algorithm"] = algorithm
+
+
+@pytest.mark.parametrize("algorithm", ["crc32+adler32", None])
+def test_stores_digested_by_earlier_crafts_are_verified_too(store_copy, algorithm):
+    _redigest(store_copy, algorithm)
+    open_like_training(store_copy)
+    garbage_chunk(INPUT_ARRAYS[0], 1)(store_copy)
+    with pytest.raises(AnchorStoreError, match=INPUT_ARRAYS[0]):
+        open_like_training(store_copy)
