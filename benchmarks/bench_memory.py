@@ -7,7 +7,9 @@ kernel's peak-RSS counter (``/proc/self/clear_refs``) and runs training steps ex
 loop does (``update_policy``: task forward/backward, retention forward + retention gradient,
 surgery, AdamW step). Measured = the weights (resident before the reset, counted exactly) + the
 peak RSS growth over the steps (gradients, optimizer moments, activations, retention buffer).
-Planned = ``craft_core.memory_plan.plan_memory`` with activations probed on one sample.
+Planned = ``craft_core.memory_plan.plan_memory`` given the first training batch, as the train stage
+gives it one (its training step probed on 1 and 4 of those samples). Each case runs ``--repeats``
+times in fresh processes; the medians of plan and measurement are reported, with their spread.
 
 Last stdout line: one JSON object: per case the plan's fields, the measured bytes and
 ``plan / measured``; ``all_within_25pct``.
@@ -20,6 +22,7 @@ import ctypes
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,7 +112,7 @@ def measure(case: str, assets: dict, batch_size: int, steps: int) -> dict:
     retention = open_retention(retention_cfg, paths["store"], adapter=get_adapter(student), teacher=teacher, seed=0,
                                total_steps=steps + 1)
     plan = plan_memory(student, batch_size=batch_size, precision=precision, peft=peft_settings, retention=True,
-                       batch=warmup)
+                       batch=batches[0], anchor_batch_size=retention_cfg.anchor_batch_size)
     accelerator = _make_accelerator(cfg)
     params = [p for p in student.parameters() if p.requires_grad]
 
@@ -141,6 +144,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process runs per case (medians reported)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--assets", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -153,14 +157,22 @@ def main() -> None:
         assets_file = work / "assets.json"
         assets_file.write_text(json.dumps(build_assets(work)))
         for case in CASES:
-            out = subprocess.run([sys.executable, __file__, "--case", case, "--assets", str(assets_file),
-                                  "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
-                                 check=True, capture_output=True, text=True)
-            results[case] = json.loads(out.stdout.strip().splitlines()[-1])
-            r = results[case]
+            runs = []
+            for _ in range(args.repeats):
+                out = subprocess.run([sys.executable, __file__, "--case", case, "--assets", str(assets_file),
+                                      "--batch-size", str(args.batch_size), "--steps", str(args.steps)],
+                                     check=True, capture_output=True, text=True)
+                runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = dict(runs[0])
+            for key in ("activations", "total", "measured_total", "measured_growth", "planned_growth"):
+                r[key] = statistics.median(run[key] for run in runs)
+                r[f"{key}_runs"] = [run[key] for run in runs]
+            r["plan_over_measured"] = r["total"] / r["measured_total"]
+            r["plan_over_measured_runs"] = [run["plan_over_measured"] for run in runs]
+            results[case] = r
             print(f"{case:22s} plan {r['total'] / 2**20:8.2f} MiB  measured {r['measured_total'] / 2**20:8.2f} MiB  "
                   f"plan/measured {r['plan_over_measured']:.2f}", file=sys.stderr)
-    summary = {"cases": results, "batch_size": args.batch_size, "steps": args.steps,
+    summary = {"cases": results, "batch_size": args.batch_size, "steps": args.steps, "repeats": args.repeats,
                "all_within_25pct": all(0.75 <= r["plan_over_measured"] <= 1.25 for r in results.values())}
     print(json.dumps(summary))
 

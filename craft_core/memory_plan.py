@@ -6,27 +6,40 @@
   keeps float32 master weights; autocast only changes the compute dtype), plus LoRA adapter
   weights when ``peft`` asks for adapters the policy does not carry yet;
 - ``gradients``: one ``.grad`` per trainable parameter (adapter parameters only under PEFT);
-- ``optimizer``: AdamW's two moments per trainable parameter (lerobot's presets are AdamW);
+- ``optimizer``: AdamW's two moments per trainable parameter (lerobot's presets are AdamW), plus on
+  CUDA one trainable-sized intermediate of its multi-tensor step;
 - ``retention_buffer``: CRaFT's one gradient-sized retention buffer (``craft_core.surgery`` keeps
   no other copy) when retention is on, else 0;
-- ``activations``: what autograd keeps for the backward pass of one (micro-)batch. Measured when a
-  sample ``batch`` is given: one forward of the policy's loss under the run's autocast, counting
-  the bytes of every distinct tensor saved for backward, scaled linearly to ``batch_size``. Without
-  a batch it is estimated from the Linear layers: each saves its input, ``tokens_per_sample`` ×
-  ``in_features`` activations per sample, doubled for norms, nonlinearities and attention.
+- ``activations``: the peak memory of one training forward + backward of the (micro-)batch above
+  the weights and gradients: what autograd saves for backward plus the transients (logits, the
+  gradients of activations, autocast's low-precision weight copies). Measured when a sample
+  ``batch`` is given: the step is run on 1 and on 4 samples of it (fewer if the batch is smaller) under the run's autocast, its
+  peak recorded (the CUDA allocator's peak on GPU; elsewhere the larger of a dispatch-level
+  tracker of every tensor storage and, on Linux, the growth of the process's peak resident memory,
+  which also sees the allocator's and math libraries' overhead), and the line through the two points extended to
+  ``batch_size`` (a fixed part, such as weight copies, does not scale with the batch). With
+  retention on, the retention step's own forward + backward at ``anchor_batch_size`` is bounded
+  the same way and the larger of the two is kept: they never overlap. Without a batch it is
+  estimated from the Linear layers: each saves its input, ``tokens_per_sample`` × ``in_features``
+  activations per sample, doubled for norms, nonlinearities and attention.
 
-``total`` is the sum: an upper bound on the peak (activations are freed as the backward pass
-writes the gradients, and the retention forward runs after the task activations are gone).
+``total`` is the sum: an upper bound on the peak (the optimizer's moments are allocated at its
+first step, after the activations are gone, but they stay for the run).
 """
 
 from __future__ import annotations
 
-import math
+import ctypes
+import gc
 import re
+import weakref
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["MemoryPlan", "MemoryPlanError", "check_fits_device", "format_bytes", "plan_memory"]
 
@@ -122,38 +135,157 @@ def _lora_params(policy: torch.nn.Module, peft) -> tuple[int, list[torch.nn.Line
     return sum(rank * (m.in_features + m.out_features) for m in linears), linears
 
 
-def measure_activations(policy: torch.nn.Module, batch: dict, *, precision: str = "no") -> int:
-    """Bytes autograd saves for backward in one forward of ``policy(batch)`` (the policy's training loss).
+class _LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages created while active and still alive (CPU or any device).
 
-    Distinct storages are counted once (a tensor saved by several ops is one allocation). Runs
-    under the autocast ``precision`` names; leaves no gradient behind.
+    Storages that existed before (weights, gradients, the batch) are not counted. A storage is
+    counted when an op first returns it and released when Python frees it (a weak reference).
     """
-    seen: dict[tuple, int] = {}
 
-    def pack(tensor: torch.Tensor):
-        if tensor.device.type != "meta":
-            try:
-                storage = tensor.untyped_storage()
-                seen[(storage.data_ptr(), tensor.device.type)] = storage.nbytes()
-            except (RuntimeError, NotImplementedError):  # e.g. sparse or functional tensors
-                seen[(id(tensor), "x")] = tensor.numel() * tensor.element_size()
-        return tensor
+    def __init__(self, existing: Iterable[torch.Tensor]):
+        super().__init__()
+        self.live = self.peak = 0
+        self._owned: dict[int, weakref.ref | None] = {t.untyped_storage().data_ptr(): None for t in existing}
 
-    device = next(policy.parameters()).device
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._owned.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._owned:
+                continue
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            self._owned[key] = weakref.ref(storage, lambda _, key=key, nbytes=nbytes: self._release(key, nbytes))
+        return out
+
+
+def _autocast(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+
+
+class _ResidentGrowth:
+    """Growth of the process's peak resident memory over a block, on Linux (0 elsewhere).
+
+    On CPU the tensors' own bytes are not all a step costs: the allocator's fragmentation and the
+    math libraries' scratch and kernel caches (oneDNN keeps one per shape) add ~20-50 % on the tiny
+    policies. Freed heap pages are returned first (``malloc_trim``) and the kernel's high-water
+    mark reset (``/proc/self/clear_refs``), so the growth is what the block itself touched.
+    """
+
+    bytes = 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise OSError(f"{field} not in /proc/self/status")
+
+    def __enter__(self):
+        self._start = None
+        try:
+            gc.collect()
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
+            self._start = self._status("VmRSS")
+        except (OSError, AttributeError):  # not Linux/glibc: the tensor tracker alone
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        if self._start is not None:
+            self.bytes = max(self._status("VmHWM") - self._start, 0)
+        return False
+
+
+def measure_step_peak(policy: torch.nn.Module, batch: dict, *, precision: str = "no") -> int:
+    """Peak bytes, above weights and gradients, of one forward + backward of ``policy(batch)`` (the
+    policy's training loss) under the autocast ``precision`` names.
+
+    Gradients of the trainable parameters are allocated before the step, so the peak counts only
+    what the step adds to them. Leaves no gradient behind (they are None afterwards).
+    """
+    device = next(policy.parameters()).device
     was_training = policy.training
     policy.train()
     params = [p for p in policy.parameters() if p.requires_grad]
-    weights = {p.untyped_storage().data_ptr() for p in policy.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), amp:
-        loss, _ = policy(batch)
-    del loss
-    policy.train(was_training)
     for p in params:
-        p.grad = None
-    # Parameters saved by their ops are the weights, not activations.
-    return sum(nbytes for (ptr, _), nbytes in seen.items() if ptr not in weights)
+        p.grad = torch.zeros_like(p)
+    existing = [*policy.parameters(), *policy.buffers(), *(p.grad for p in params),
+                *(v for v in tree_flatten(batch)[0] if isinstance(v, torch.Tensor))]
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            with _autocast(device, precision):
+                loss, _ = policy(batch)
+            loss.backward()
+            del loss
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - before
+        with _ResidentGrowth() as resident, _LiveTensorBytes(existing) as tracker:
+            with _autocast(device, precision):
+                loss, _ = policy(batch)
+            loss.backward()
+            del loss
+        return max(tracker.peak, resident.bytes)
+    finally:
+        policy.train(was_training)
+        for p in params:
+            p.grad = None
+
+
+def _batch_of(batch: dict, size: int) -> dict:
+    """The first ``size`` samples of a collated batch, repeating its samples if it holds fewer."""
+    n = _batch_size_of(batch)
+    index = torch.arange(size) % n
+
+    def take(value):
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value[index.to(value.device)]
+        if isinstance(value, (list, tuple)) and len(value) == n:
+            return type(value)(value[i] for i in index.tolist())
+        return value
+
+    return {key: take(value) for key, value in batch.items()}
+
+
+def measure_activations(policy: torch.nn.Module, batch: dict, *, precision: str = "no",
+                        largest: int = 4) -> tuple[int, int, tuple[int, int]]:
+    """``(fixed, per_sample, sizes)``: a training step's peak above weights and gradients as a fixed
+    part plus a per-sample part, from the step measured on 1 and on ``largest`` samples of ``batch``
+    (see the module doc)."""
+    sizes = (1, max(1, largest))
+    if next(policy.parameters()).device.type == "cuda":
+        low, high = (measure_step_peak(policy, _batch_of(batch, size), precision=precision) for size in sizes)
+        once = 0
+    else:
+        # Off CUDA the first step at a new shape also allocates what the math libraries keep per
+        # shape (kernel caches, scratch; ~16 MiB for tiny pi0_fast under bf16 autocast). It stays
+        # resident but does not grow with the batch: each size runs twice, the second steps give
+        # the line and the larger size's first-step excess is added once (the very first step,
+        # at 1 sample, also pays the process's own lazy start-up, which training paid before).
+        first, second = {}, {}
+        for size in sizes:
+            first[size] = measure_step_peak(policy, _batch_of(batch, size), precision=precision)
+            second[size] = measure_step_peak(policy, _batch_of(batch, size), precision=precision)
+        low, high = second[sizes[0]], second[sizes[1]]
+        once = max(first[sizes[1]] - second[sizes[1]], 0) if sizes[1] != sizes[0] else 0
+    if sizes[1] == 1:
+        return once, low, sizes
+    per_sample = (high - low) / (sizes[1] - 1)
+    if per_sample <= 0:  # a non-increasing pair: no fixed part, the larger probe scaled
+        return once, high / sizes[1], sizes
+    return once + max(int(low - per_sample), 0), int(per_sample), sizes
 
 
 def _batch_size_of(batch: dict) -> int:
@@ -172,14 +304,15 @@ def estimate_activations(policy: torch.nn.Module, *, batch_size: int, precision:
 
 def plan_memory(policy: torch.nn.Module, *, batch_size: int, precision: str = "no", peft=None,
                 retention: bool = False, batch: dict | None = None, tokens_per_sample: int | None = None,
-                optimizer_moments: int = _ADAMW_MOMENTS) -> MemoryPlan:
+                anchor_batch_size: int | None = None, optimizer_moments: int = _ADAMW_MOMENTS) -> MemoryPlan:
     """The memory plan of training ``policy`` (see the module doc).
 
     ``precision``: ``no``/``bf16``/``fp16`` (train.mixed_precision). ``peft``: None, or the PEFT
     settings (``rank``/``r``, ``target_modules``; None targets = the policy's lerobot defaults); a
     policy already wrapped with adapters is planned as it is. ``retention``: CRaFT on. ``batch``: a
     preprocessed sample batch to measure activations with (preferred); else ``tokens_per_sample``
-    drives the estimate. ``batch_size`` is the micro-batch one forward sees (per process).
+    drives the estimate. ``batch_size`` is the micro-batch one forward sees (per process);
+    ``anchor_batch_size`` the retention step's (default: ``batch_size``).
     """
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"precision={precision!r}: choose no, bf16 or fp16")
@@ -203,11 +336,20 @@ def plan_memory(policy: torch.nn.Module, *, batch_size: int, precision: str = "n
         param_bytes = params[0].element_size() if params else 4
     gradients = trainable * param_bytes
     optimizer = optimizer_moments * trainable * param_bytes
+    if params and params[0].device.type == "cuda":
+        # On CUDA torch's AdamW runs its multi-tensor (foreach) kernels, whose intermediates are
+        # one more trainable-sized buffer during the step.
+        optimizer += trainable * param_bytes
+        notes["optimizer"] = f"{optimizer_moments} AdamW moments + the foreach step's intermediate"
     retention_buffer = gradients if retention else 0
     if batch is not None:
-        probe = _batch_size_of(batch)
-        activations = int(math.ceil(measure_activations(policy, batch, precision=precision) * batch_size / probe))
-        notes["activations"] = f"measured on a batch of {probe}, scaled to {batch_size}"
+        samples = max([batch_size, anchor_batch_size or batch_size] if retention else [batch_size])
+        # Probes never exceed the run's own micro-batch: a probe must not fail where training fits.
+        fixed, per_sample, probes = measure_activations(policy, batch, precision=precision, largest=min(4, samples))
+        activations = int(fixed + per_sample * samples)
+        notes["activations"] = (f"training step measured on {probes[0]} and {probes[1]} samples: "
+                                f"{format_bytes(fixed)} fixed + {format_bytes(per_sample)} per sample, "
+                                f"for {samples} samples")
     else:
         if tokens_per_sample is None:
             raise ValueError("memory plan: give a sample batch or tokens_per_sample to size the activations")

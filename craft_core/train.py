@@ -278,15 +278,19 @@ def _image_transforms(cfg: TrainConfig):
 
 
 def _memory_plan(cfg: TrainConfig, policy, dataset, preprocessor, *, retention: bool):
-    """The run's memory plan, activations probed on one task frame (RNG state left as it was)."""
+    """The run's memory plan, its training step probed on the first task frames (RNG state left as it was)."""
     from craft_core.memory_plan import plan_memory
 
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:
-        probe = preprocessor(torch.utils.data.default_collate([dataset[0]]))
+        # One micro-batch of real frames: its padded token lengths are the ones training sees (the
+        # probe steps run on its first samples, never on more than the micro-batch).
+        probe = preprocessor(torch.utils.data.default_collate(
+            [dataset[i] for i in range(min(cfg.batch_size, len(dataset)))]))
+        anchors = cfg.retention.anchor_batch_size if cfg.retention is not None else None
         plan = plan_memory(base_policy(policy), batch_size=cfg.batch_size, precision=cfg.mixed_precision,
-                           peft=cfg.peft, retention=retention, batch=probe)
+                           peft=cfg.peft, retention=retention, batch=probe, anchor_batch_size=anchors)
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
@@ -323,6 +327,7 @@ def train(
     from lerobot.utils.utils import cycle
     from tqdm import tqdm
 
+    from craft_core.lerobot_cli import eval_command
     from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy, make_processors
 
@@ -524,7 +529,11 @@ def train(
         "memory_plan": memory.summary() if memory is not None else None,
         "memory_plan_bytes": memory.as_dict() if memory is not None else None,
     }
+    # lerobot's own CLI on the final checkpoint (through craft's loading context where the policy
+    # folder needs one: the tiny offline policies).
+    result["lerobot_eval"] = eval_command(result["checkpoint"], "--env.type=<env>", "--eval.n_episodes=<n>")
     if is_main:
+        print(f"[craft train] {role}: evaluate the checkpoint with lerobot's CLI: {result['lerobot_eval']}", flush=True)
         plot_training(metrics_path, plot_path, title=role)
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     accelerator.wait_for_everyone()

@@ -46,9 +46,6 @@ def test_options_through_the_pipeline(pipeline_run):
     assert set(report["sim"]) >= {"baseline", "craft", "teacher"}  # the eval stage loaded the LoRA checkpoints
 
 
-@pytest.mark.xfail(strict=True, reason="lerobot-eval rebuilds the tiny policy's processors from the saved "
-                   "pipeline without the tiny folder plugin's tokenizer-path overrides; hub-sized checkpoints "
-                   "do not need them (not yet exercised here: no hub)")
 def test_tiny_lora_checkpoint_under_lerobot_eval(pipeline_run):
     from craft_core.lerobot_cli import eval_command
 
@@ -58,6 +55,7 @@ def test_tiny_lora_checkpoint_under_lerobot_eval(pipeline_run):
     command = eval_command(checkpoint, "--env.type=pusht", "--env.episode_length=5", "--eval.n_episodes=1",
                            "--eval.batch_size=1", "--policy.device=cpu", f"--output_dir={out}")
     assert command.startswith(f"{sys.executable} -m craft_core.lerobot_cli eval --policy.path=")
+    assert refs["train_craft"].result["lerobot_eval"].startswith(command.split(" --env.type")[0])
     run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -77,6 +77,9 @@ def instantiate_and_save(cfg, spec: dict, out_dir: Path, *, ds_meta, seed: int) 
     preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=ds_meta.stats)
     preprocessor.save_pretrained(out_dir)
     postprocessor.save_pretrained(out_dir)
+    from craft_core.demo.tiny.loading import record_tokenizer_paths
+
+    record_tokenizer_paths(out_dir, spec)
     spec = dict(spec)
     spec["n_parameters"] = sum(p.numel() for p in policy.parameters())
     write_tiny_spec(out_dir, spec)

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 from craft_core.demo.tiny.common import TOKENIZERS_DIR, copy_tiny_marker, read_tiny_spec
 
 CONFIG_NAME = "config.json"
+PREPROCESSOR_FILE = "policy_preprocessor.json"  # lerobot's name for the saved preprocessor pipeline
 
 
 def _tokenizer_fields(policy_type: str | None) -> dict[str, list[tuple[str, str]]]:
@@ -114,6 +115,34 @@ class TinyPolicyFolders:
         tokenizers = Path(source_folder) / TOKENIZERS_DIR
         if tokenizers.is_dir():
             shutil.copytree(tokenizers, pretrained_dir / TOKENIZERS_DIR, dirs_exist_ok=True)
+        # The source folder's tokenizers, as the checkpoint's config.json already references them: the
+        # checkpoint itself is written under a temporary name and renamed when complete.
+        record_tokenizer_paths(Path(pretrained_dir), read_tiny_spec(Path(pretrained_dir)), Path(source_folder))
+
+
+def record_tokenizer_paths(folder: Path, spec: dict | None, tokenizer_root: Path | None = None) -> None:
+    """Write into ``folder``'s saved preprocessor, for every step that loads a tokenizer, the path of
+    the tiny tokenizer under ``tokenizer_root`` (default: ``folder`` itself).
+
+    lerobot does not save every such field (pi0_fast's ``action_tokenizer_processor`` never saves
+    ``paligemma_tokenizer_name``), so a pipeline loaded the way lerobot-eval loads it would fall
+    back to the hub tokenizer. The fields are the steps' own constructor arguments, so lerobot's
+    ``make_pre_post_processors(pretrained_path=folder)`` reads them as it reads any saved field.
+    """
+    pipeline_file = folder / PREPROCESSOR_FILE
+    if spec is None or not pipeline_file.is_file():
+        return
+    root = Path(tokenizer_root or folder).absolute()
+    relative = spec.get("tokenizers", {})
+    pipeline = json.loads(pipeline_file.read_text())
+    for field, steps in _tokenizer_fields(spec["policy_type"]).items():
+        if field not in relative or not (root / relative[field]).exists():
+            continue
+        for step in pipeline["steps"]:
+            for name, step_field in steps:
+                if step.get("registry_name") == name:
+                    step.setdefault("config", {})[step_field] = str(root / relative[field])
+    pipeline_file.write_text(json.dumps(pipeline, indent=2))
 
 
 TINY_FOLDERS = TinyPolicyFolders()
