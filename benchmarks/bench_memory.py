@@ -8,7 +8,7 @@ loop does (``update_policy``: task forward/backward, retention forward + retenti
 surgery, AdamW step). Measured = the weights (resident before the reset, counted exactly) + the
 peak RSS growth over the steps (gradients, optimizer moments, activations, retention buffer).
 Planned = ``craft_core.memory_plan.plan_memory`` given the first training batch, as the train stage
-gives it one (its training step probed on 1 and 4 of those samples). Each case runs ``--repeats``
+gives it one (its training step probed on 1 and 8 of those samples). Each case runs ``--repeats``
 times in fresh processes; the medians of plan and measurement are reported, with their spread.
 
 Last stdout line: one JSON object: per case the plan's fields, the measured bytes and
