@@ -26,7 +26,8 @@ bytes per anchor per store array (raw and as stored, compressed) and per target;
 (kernel peak-RSS counter, reset between phases), and ``craft_core.memory_plan.plan_memory``'s
 estimate for the same configuration next to it. A second table gives bytes per anchor at real size
 for every policy type (pi0_fast, pi0, pi05, smolvla) from the adapters' store layout on models built
-on the ``meta`` device (no memory, no compute).
+on the ``meta`` device (no memory, no compute), and a third the memory plan before activations of each
+GPU preset's train stage on CUDA (``--preset-plans``; the figures the presets' headers state).
 
 Precision: ``--dtype auto`` computes in bfloat16 only where the CPU has native bf16 matrix units
 (AVX512-BF16 / AMX); elsewhere PyTorch's bf16 CPU matmul is a slow fallback (measured and reported
@@ -321,29 +322,58 @@ def per_target(arrays: dict) -> dict:
     return totals
 
 
-def layout_bytes(policy_type: str, work: Path, targets: list[str], layers: list[int], pooling: list[str]) -> dict:
-    """Bytes per anchor of the store layout at real size, from the adapter on a ``meta``-device model."""
+def meta_policy(policy_type: str, work: Path, dtype: str = "float32", options: dict | None = None):
+    """The real-size lerobot policy on the ``meta`` device (shapes and dtypes, no memory), with the
+    policy ``options`` a preset's ``train.policy`` sets."""
     import torch
-    from lerobot.policies.factory import get_policy_class
-
-    from craft_core.config import ActionOutputConfig
-    from craft_core.policies import get_adapter
-    from craft_core.policies.base import TargetRequest
-    from craft_core.store.layout import bytes_per_anchor
-
-    cfg = real_config(policy_type, work / f"layout_{policy_type}", "float32")
-    meta = work / "layout_dataset"
     from lerobot.datasets import LeRobotDatasetMetadata
-
-    ds_meta = LeRobotDatasetMetadata("bench/fullsize", root=meta) if meta.exists() else write_dataset(meta, 4)
+    from lerobot.policies.factory import get_policy_class
     from lerobot.utils.feature_utils import dataset_to_policy_features
 
+    cfg = real_config(policy_type, work, dtype)
+    for name, value in (options or {}).items():
+        setattr(cfg, name, value)
+    meta = work.parent / "layout_dataset"
+    ds_meta = LeRobotDatasetMetadata("bench/fullsize", root=meta) if meta.exists() else write_dataset(meta, 4)
     features = dataset_to_policy_features(ds_meta.features)
     cfg.output_features = {k: f for k, f in features.items() if k == "action"}
     cfg.input_features = {k: f for k, f in features.items() if k != "action"}
     cfg.device = "meta"  # the PaliGemma policies move their model to config.device in __init__
     with torch.device("meta"):
-        policy = get_policy_class(policy_type)(cfg)
+        return get_policy_class(policy_type)(cfg)
+
+
+def preset_plans(work: Path, names: list[str]) -> dict:
+    """The memory plan of each GPU preset's train stage on CUDA, before activations (which need a real
+    forward: the train stage measures them on its first batch), from the real-size model on ``meta``."""
+    from craft_core.config import load_preset
+    from craft_core.memory_plan import plan_memory
+
+    out = {}
+    for name in names:
+        cfg = load_preset(name)
+        train = cfg.train
+        options = dict(train.policy)
+        dtype = options.pop("dtype", "float32")
+        policy = meta_policy("pi0_fast", work / f"preset_{name}", dtype, options)
+        plan = plan_memory(policy, batch_size=train.batch_size, precision=train.mixed_precision,
+                           peft=train.peft.model_dump() if train.peft is not None else None,
+                           retention=train.retention is not None, tokens_per_sample=1, device="cuda")
+        fixed = plan.total - plan.activations
+        out[name] = {**{k: gib(getattr(plan, k)) for k in ("weights", "gradients", "optimizer", "retention_buffer")},
+                     "before_activations_gib": gib(fixed), "trainable_params": plan.trainable_params,
+                     "total_params": plan.total_params, "policy_dtype": dtype}
+    return out
+
+
+def layout_bytes(policy_type: str, work: Path, targets: list[str], layers: list[int], pooling: list[str]) -> dict:
+    """Bytes per anchor of the store layout at real size, from the adapter on a ``meta``-device model."""
+    from craft_core.config import ActionOutputConfig
+    from craft_core.policies import get_adapter
+    from craft_core.policies.base import TargetRequest
+    from craft_core.store.layout import bytes_per_anchor
+
+    policy = meta_policy(policy_type, work / f"layout_{policy_type}")
     adapter = get_adapter(policy)
     wanted = [t for t in targets if t in adapter.retention_targets]
     defaults = ActionOutputConfig()  # the cache stage's defaults: top-k 8, the policy's own flow steps
@@ -520,6 +550,8 @@ def main() -> None:
     parser.add_argument("--no-lora", dest="lora", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layout-types", nargs="*", default=["pi0_fast", "pi0", "pi05", "smolvla"])
+    parser.add_argument("--preset-plans", nargs="*", default=["pi0fast_libero", "pi0fast_libero_lora", "pi0fast_aloha"],
+                        help="GPU presets whose memory plan before activations is computed on the meta device")
     parser.add_argument("--tiny-smoke", action="store_true",
                         help="run the same code on craft's tiny policies (checks the benchmark runs; no real-size figure)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -547,6 +579,8 @@ def main() -> None:
         for policy_type in args.layout_types:
             summary["bytes_per_anchor"][policy_type] = layout_bytes(
                 policy_type, work, args.targets, [-2, -1], ["vision_token_mean", "text_token_last"])
+        summary["preset_plans"] = preset_plans(work, args.preset_plans)
+        print(json.dumps({"preset_plans": summary["preset_plans"]}), file=sys.stderr, flush=True)
         for policy_type in args.policies:
             child_work = work / f"run_{policy_type}"
             child_work.mkdir()

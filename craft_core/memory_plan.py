@@ -306,7 +306,8 @@ def estimate_activations(policy: torch.nn.Module, *, batch_size: int, precision:
 
 def plan_memory(policy: torch.nn.Module, *, batch_size: int, precision: str = "no", peft=None,
                 retention: bool = False, batch: dict | None = None, tokens_per_sample: int | None = None,
-                anchor_batch_size: int | None = None, optimizer_moments: int = _ADAMW_MOMENTS) -> MemoryPlan:
+                anchor_batch_size: int | None = None, optimizer_moments: int = _ADAMW_MOMENTS,
+                device: torch.device | str | None = None) -> MemoryPlan:
     """The memory plan of training ``policy`` (see the module doc).
 
     ``precision``: ``no``/``bf16``/``fp16`` (train.mixed_precision). ``peft``: None, or the PEFT
@@ -314,7 +315,9 @@ def plan_memory(policy: torch.nn.Module, *, batch_size: int, precision: str = "n
     policy already wrapped with adapters is planned as it is. ``retention``: CRaFT on. ``batch``: a
     preprocessed sample batch to measure activations with (preferred); else ``tokens_per_sample``
     drives the estimate. ``batch_size`` is the micro-batch one forward sees (per process);
-    ``anchor_batch_size`` the retention step's (default: ``batch_size``).
+    ``anchor_batch_size`` the retention step's (default: ``batch_size``). ``device``: where training
+    runs (default: where the parameters are); planning a CUDA run from a model on the ``meta`` device
+    (no memory) gives ``device="cuda"``.
     """
     if precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"precision={precision!r}: choose no, bf16 or fp16")
@@ -338,7 +341,8 @@ def plan_memory(policy: torch.nn.Module, *, batch_size: int, precision: str = "n
         param_bytes = params[0].element_size() if params else 4
     gradients = trainable * param_bytes
     optimizer = optimizer_moments * trainable * param_bytes
-    if params and params[0].device.type == "cuda":
+    device = torch.device(device) if device is not None else (params[0].device if params else torch.device("cpu"))
+    if device.type == "cuda":
         # On CUDA torch's AdamW runs its multi-tensor (foreach) kernels, whose intermediates are
         # one more trainable-sized buffer during the step.
         optimizer += trainable * param_bytes

@@ -305,6 +305,12 @@ def test_memory_plan_counts_what_training_holds(tiny_pi0_fast, pusht_datasets):
     assert plan.retention_buffer == plan.gradients
     assert plan_memory(policy, batch_size=4, retention=False, batch=batch[2]).retention_buffer == 0
     assert plan.total == plan.weights + plan.gradients + plan.optimizer + plan.retention_buffer + plan.activations
+    # a CUDA run planned from here (or from a meta-device model): AdamW's foreach step holds one more
+    # trainable-sized intermediate, and nothing else changes
+    on_cuda = plan_memory(policy, batch_size=4, retention=True, tokens_per_sample=8, device="cuda")
+    on_cpu = plan_memory(policy, batch_size=4, retention=True, tokens_per_sample=8)
+    assert on_cuda.optimizer - on_cpu.optimizer == plan.gradients
+    assert on_cuda.total - on_cpu.total == plan.gradients
     # the line through the step's peak on 1 and 2 samples predicts the peak measured on 4
     direct = measure_step_peak(policy, batch[4])
     assert plan.activations == pytest.approx(direct, rel=0.15)
