@@ -40,13 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_fullsize  # noqa: E402  (sets the offline environment and craft's path before torch loads)
 
 LORA = {"rank": 16, "target_modules": ["q_proj", "v_proj"]}
 TARGETS = ["prefix", "action_output"]
@@ -57,10 +52,8 @@ def build_teacher(work: Path, meta) -> Path:
     import torch
     from lerobot.policies.factory import make_policy, make_pre_post_processors
 
-    from bench_fullsize import real_config
-
     torch.manual_seed(0)
-    cfg = real_config("smolvla", work, "float32")
+    cfg = bench_fullsize.real_config("smolvla", work, "float32")
     policy = make_policy(cfg, ds_meta=meta)
     preprocessor, postprocessor = make_pre_post_processors(cfg, dataset_stats=meta.stats)
     folder = work / "teacher"
