@@ -1,8 +1,12 @@
 """The one resolver of device settings (``cache.device``, ``train.device``, ``eval.device``...).
 
 ``auto`` means CUDA when available, else CPU. An explicit CUDA device on a machine without CUDA is
-refused with the config field named, before any stage touches a model.
+refused with the config field named, before any stage touches a model. Also the one autocast
+context: extraction, the retention forward, drift and the memory plan's probe all compute under it,
+so the keystone invariant (a student copy reproduces the teacher's targets) holds under any precision.
 """
+
+import contextlib
 
 import torch
 
@@ -28,3 +32,12 @@ def uses_cuda(requested: str) -> bool:
     if requested.startswith("cuda"):
         return True
     return requested == "auto" and torch.cuda.is_available()
+
+
+def autocast_context(device_type: str, dtype: str | None):
+    """``torch.autocast`` on ``device_type`` to ``dtype`` (a torch dtype name, such as the store's
+    ``compute.autocast`` "bfloat16"); a no-op for None. Applied on every device, CPU included: the
+    teacher's targets were computed this way wherever they were computed."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))

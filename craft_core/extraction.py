@@ -19,7 +19,6 @@ and ``complete`` is set last by :func:`craft_core.store.finalize_store`.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -33,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from craft_core.config import CacheConfig, DatasetSource, DriftSetConfig, semantic
-from craft_core.devices import resolve_device
+from craft_core.devices import autocast_context, resolve_device
 from craft_core.noise import progress_bars
 from craft_core.store import (
     MARKERS,
@@ -340,7 +339,7 @@ def extract_anchors(
             rate = (done - resumed_at) / max(time.perf_counter() - started, 1e-9)
             progress(done, total, {"block": written_block, "anchors_per_s": rate})
 
-    amp = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else contextlib.nullcontext()
+    amp = autocast_context(device.type, autocast)
     # One writer thread: block b is compressed and written while block b+1 is computed.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="anchor-store-writer") as io:
         with torch.inference_mode(), amp:

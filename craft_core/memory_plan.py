@@ -41,6 +41,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from craft_core.devices import autocast_context
+
 __all__ = ["MemoryPlan", "MemoryPlanError", "check_fits_device", "format_bytes", "plan_memory"]
 
 _LOW_PRECISION = {"bf16": 2, "fp16": 2}
@@ -169,8 +171,8 @@ class _LiveTensorBytes(TorchDispatchMode):
 
 
 def _autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
+    """The autocast of ``train.mixed_precision`` (``no``/``bf16``/``fp16``), as accelerate applies it."""
+    return autocast_context(device.type, {"bf16": "bfloat16", "fp16": "float16"}.get(precision))
 
 
 class _ResidentGrowth:

@@ -9,7 +9,6 @@ adapter request that computes every target's loss from one forward over the anch
 ignored (the first CRaFT tool fell back to baseline training).
 """
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from craft_core.config import PolicySource, RetentionConfig
+from craft_core.devices import autocast_context
 from craft_core.dual import EpsilonSchedule, LagrangeMultiplier
 from craft_core.policies.base import TargetRequest
 
@@ -134,9 +134,7 @@ class Retention:
 
     def amp(self):
         """The extraction's autocast on the student's device (a no-op for a store extracted without one)."""
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.adapter.device.type, dtype=getattr(torch, self.autocast))
+        return autocast_context(self.adapter.device.type, self.autocast)
 
     def dual_step(self, losses: dict[str, float], step: int) -> None:
         """λ_t <- clip(λ_t + η_t (L_t - ε_t(step)), 0, λ_max_t) for every target."""

@@ -7,12 +7,13 @@ retention loss). The teacher itself drifts by ~0 (exactly 0 up to float rounding
 store; a float16 store adds its own storage rounding, ~1e-7 in mse for unit-scale activations).
 """
 
-import contextlib
 from dataclasses import replace
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from craft_core.devices import autocast_context
 
 
 class DriftAccumulator:
@@ -63,12 +64,6 @@ class DriftAccumulator:
         }
 
 
-def _autocast(device_type: str, autocast: str | None):
-    if autocast and device_type == "cuda":
-        return torch.autocast(device_type, dtype=getattr(torch, autocast))
-    return contextlib.nullcontext()
-
-
 def measure_drift(
     policy,
     batches: Iterable[tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]],
@@ -81,7 +76,8 @@ def measure_drift(
     ``prefix``: mse and cosine distance of the pooled hidden states, per (layer, pooled vector);
     every other target of ``request``: its retention loss (KL for FAST distributions, velocity mse
     for flow matching), averaged over anchors. ``autocast`` ("bfloat16") repeats the extraction's
-    CUDA autocast, so that the teacher is compared with outputs computed the way it computed them.
+    autocast (the store's ``compute.autocast``, on any device, as the retention forward does), so
+    that the teacher is compared with outputs computed the way it computed them.
     """
     from craft_core.policies import get_adapter
 
@@ -94,7 +90,7 @@ def measure_drift(
     was_training = policy.training
     policy.eval()
     try:
-        with torch.no_grad(), _autocast(adapter.device.type, autocast):
+        with torch.no_grad(), autocast_context(adapter.device.type, autocast):
             for inputs, stored in batches:
                 batch_size = len(next(iter(inputs.values())))
                 if prefix:

@@ -69,3 +69,17 @@ def test_store_records_the_autocast_and_retention_runs_under_it(tiny_pi0_fast, p
     # The same store read by an fp32 retention forward (the old behaviour) misses the invariant.
     retention.autocast = None
     assert float(retention.next_losses()["prefix"]) > 1e-6
+
+    # Drift repeats the recorded autocast too (on CPU as well): the teacher has drifted by nothing from itself.
+    from craft_core.evaluation.drift import open_heldout
+
+    anchors = open_heldout(url, split="train")
+    teacher = load_policy(tiny_pi0_fast)
+    drift = anchors.drift(teacher, anchors.for_policy(teacher), batch_size=4)
+    assert drift["teacher_compute"]["autocast"] == "bfloat16"
+    assert drift["mse"] <= 1e-10 and drift["cosine"] <= 1e-6, drift
+    for target in TARGETS:
+        if target != "prefix":
+            assert drift["targets"][target] <= 1e-6 * 10, (target, drift["targets"][target])
+    anchors.compute["autocast"] = None  # as drift measured before: fp32 against bf16-computed targets
+    assert anchors.drift(teacher, anchors.for_policy(teacher), batch_size=4)["mse"] > 1e-10
