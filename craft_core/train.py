@@ -165,11 +165,31 @@ def target_metrics(retention: Retention | None, stats: StepStats, epsilons: dict
 # --------------------------------------------------------------------------------------------
 
 
+def _release_accelerator_state(mixed_precision: str, *, cpu: bool) -> None:
+    """Let this run configure accelerate afresh when an earlier one in the same process chose
+    another precision or device.
+
+    accelerate keeps one ``AcceleratorState`` per process and refuses a second ``Accelerator`` with
+    other settings ("restart your runtime"), which in-process stages, the experiment runner or a
+    notebook running two configs would hit. A single-process state is released, and only when it
+    conflicts (a run with the same settings in another thread keeps sharing it); a distributed
+    process, which runs one training, keeps its state and process group.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state or PartialState().num_processes > 1:
+        return
+    existing = AcceleratorState()
+    if existing.mixed_precision != mixed_precision or (cpu and existing.device.type != "cpu"):
+        AcceleratorState._reset_state()  # accelerate's own reset (its tests use it); PartialState stays
+
+
 def _make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     device = resolve_device(cfg.device, field="train.device")
+    _release_accelerator_state(cfg.mixed_precision, cpu=device.type == "cpu")
     # As lerobot: the scheduler steps once per optimizer step whatever the world size, and
     # find_unused_parameters because VLA forwards skip parts of the model (e.g. the action expert).
     return Accelerator(

@@ -260,6 +260,19 @@ def test_refuses_to_start_on_a_store_that_does_not_fit(case, tiny_pi0_fast, pi0_
     assert not (out_dir / "metrics.jsonl").exists() and not (out_dir / "checkpoints").exists()
 
 
+def test_runs_with_other_precisions_follow_each_other_in_one_process(pusht_datasets):
+    """accelerate's per-process state would refuse the second precision ("restart your runtime")."""
+    from craft_core.train import _make_accelerator
+
+    repo_id, root = task_dataset(pusht_datasets)
+    for precision in ("no", "bf16", "bf16", "no"):
+        accelerator = _make_accelerator(train_config(repo_id, root, steps=1, mixed_precision=precision))
+        assert accelerator.mixed_precision == precision
+        with accelerator.autocast():  # the precision it computes in, not only the one it reports
+            dtype = torch.nn.functional.linear(torch.ones(2, 2), torch.ones(2, 2)).dtype
+        assert dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+
+
 def test_refuses_retention_without_a_store(tiny_pi0_fast, pusht_datasets, tmp_path):
     from craft_core.train import RetentionSetupError, train
 
