@@ -57,10 +57,42 @@ def main(argv: list[str] | None = None) -> int:
     from lerobot.scripts import lerobot_eval
 
     path = _policy_path(argv[1:])
-    sys.argv = ["lerobot-eval", *argv[1:]]
-    with policy_loading_context(_base_path(path)):
-        lerobot_eval.main()
+    config_args, step_overrides = _local_tokenizers(path)
+    sys.argv = ["lerobot-eval", *argv[1:], *config_args]
+    make_processors = lerobot_eval.make_pre_post_processors
+
+    def with_local_tokenizers(*args, preprocessor_overrides=None, **kwargs):
+        merged = {step: dict(fields) for step, fields in (preprocessor_overrides or {}).items()}
+        for step, fields in step_overrides.items():
+            merged.setdefault(step, {}).update(fields)
+        return make_processors(*args, preprocessor_overrides=merged, **kwargs)
+
+    lerobot_eval.make_pre_post_processors = with_local_tokenizers
+    try:
+        with policy_loading_context(_base_path(path)):
+            lerobot_eval.main()
+    finally:
+        lerobot_eval.make_pre_post_processors = make_processors
     return 0
+
+
+def _local_tokenizers(path: str | None) -> tuple[list[str], dict[str, dict]]:
+    """``--policy.<field>=`` arguments and processor-step overrides that point a plugin folder's
+    tokenizer-loading fields at the folder's own copies: a checkpoint records the absolute paths
+    it was trained with, which no longer exist once it (or its source folder) has moved. Craft's
+    own loader applies the same overrides (``craft_core.policy_io``). Nothing for other folders."""
+    plugin = folder_plugin(path)
+    if plugin is None:
+        return [], {}
+    from lerobot.configs.policies import PreTrainedConfig
+    from lerobot.policies.factory import get_policy_class  # noqa: F401  (registers every config class)
+
+    folder = Path(path)
+    cfg = PreTrainedConfig.from_pretrained(str(folder))
+    overrides = plugin.config_overrides(folder, cfg)  # only fields whose recorded path is gone
+    for field, value in overrides.items():
+        setattr(cfg, field, value)
+    return [f"--policy.{field}={value}" for field, value in overrides.items()], plugin.processor_overrides(folder, cfg)
 
 
 if __name__ == "__main__":

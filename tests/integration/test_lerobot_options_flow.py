@@ -90,3 +90,33 @@ def test_tiny_lora_checkpoint_under_lerobot_eval(pipeline_run):
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads((out / "eval_info.json").read_text())
     assert info["overall"]["n_episodes"] == 1
+
+
+def test_a_moved_tiny_checkpoint_still_runs_under_lerobot_eval(pipeline_run):
+    """A checkpoint records the absolute tokenizer paths it was trained with; once those are gone (the
+    checkpoint or its source folder moved), craft's CLI points them at the checkpoint's own copies."""
+    import shutil
+
+    from craft_core.lerobot_cli import eval_command
+
+    tmp_path, refs = pipeline_run
+    moved = tmp_path / "moved" / "pretrained_model"
+    shutil.copytree(refs["train_craft"].result["checkpoint"], moved)
+    gone = str(tmp_path / "gone")
+    config = json.loads((moved / "config.json").read_text())
+    for field in ("text_tokenizer_name", "action_tokenizer_name"):
+        config[field] = f"{gone}/{field}"
+    (moved / "config.json").write_text(json.dumps(config))
+    pipeline = json.loads((moved / "policy_preprocessor.json").read_text())
+    for step in pipeline["steps"]:
+        for key in ("tokenizer_name", "paligemma_tokenizer_name", "action_tokenizer_name"):
+            if key in step.get("config", {}):
+                step["config"][key] = f"{gone}/{key}"
+    (moved / "policy_preprocessor.json").write_text(json.dumps(pipeline))
+    out = tmp_path / "lerobot_eval_moved"
+    command = eval_command(moved, "--env.type=pusht", "--env.episode_length=5", "--eval.n_episodes=1",
+                           "--eval.batch_size=1", "--policy.device=cpu", f"--output_dir={out}")
+    run = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads((out / "eval_info.json").read_text())["overall"]["n_episodes"] == 1
