@@ -88,18 +88,6 @@ SMOLVLM2_500M = {
 # ------------------------------------------------------------------------------------------ utils
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
 def gib(value: float) -> float:
     return round(value / 2**30, 3)
 
@@ -402,7 +390,7 @@ def run_policy(policy_type: str, args) -> dict:
 
     import craft_core.extraction as extraction
     from craft_core.config import CacheConfig, DatasetSource, PeftSettings, PolicySource, RetentionConfig, TrainConfig
-    from craft_core.memory_plan import plan_memory
+    from craft_core.memory_plan import plan_memory, process_memory_bytes, reset_peak_resident
     from craft_core.policies import get_adapter
     from craft_core.retention import open_retention
 
@@ -413,7 +401,7 @@ def run_policy(policy_type: str, args) -> dict:
     n_frames = max(4, args.anchors + 2)
     ds_root = work / "dataset"
     ds_meta = write_dataset(ds_root, n_frames) if not ds_root.exists() else LeRobotDatasetMetadata("bench/fullsize", root=ds_root)
-    result["rss_before_model_gib"] = gib(_status_bytes("VmRSS"))
+    result["rss_before_model_gib"] = gib(process_memory_bytes("VmRSS"))
     start = time.perf_counter()
     if args.tiny_smoke:  # the same code path on craft's tiny offline policy (a check that it runs, not a figure)
         from craft_core.demo.tiny import build_tiny_policy
@@ -459,14 +447,14 @@ def run_policy(policy_type: str, args) -> dict:
     marks: list[float] = []
     real_load = extraction._load_teacher
     extraction._load_teacher = lambda *a, **k: (policy, preprocessor)  # the model built above, not re-read
-    reset_peak_rss()
+    reset_peak_resident()
     try:
         with PrefixProbe(policy) as probe:
             extraction.extract_anchors(cache_cfg, store_url, progress=lambda done, total, m: marks.append(time.perf_counter()))
     finally:
         extraction._load_teacher = real_load
     result["extract_s_per_anchor"] = round((marks[-1] - marks[0]) / args.anchors, 1)
-    result["extract_peak_rss_gib"] = gib(_status_bytes("VmHWM"))
+    result["extract_peak_rss_gib"] = gib(process_memory_bytes("VmHWM"))
     n_cameras = len(CAMERAS)
     pooled = probe.pooled[0] if probe.pooled else None
     result["prefix"] = {
@@ -518,13 +506,13 @@ def run_policy(policy_type: str, args) -> dict:
                        tokens_per_sample=max(probe.prefix_lengths) + max(probe.fast_tokens or [0]) + int(cfg.chunk_size))
     result["memory_plan"] = {k: (gib(v) if isinstance(v, int) and k not in ("trainable_params", "total_params") else v)
                              for k, v in plan.as_dict().items() if k != "notes"}
-    rss_before_step = _status_bytes("VmRSS")
-    reset_peak_rss()
+    rss_before_step = process_memory_bytes("VmRSS")
+    reset_peak_resident()
     start = time.perf_counter()
     stats = update_policy(student, batch, step=0, optimizer=optimizer, lr_scheduler=scheduler, accelerator=accelerator,
                           params=params, grad_clip_norm=settings.optimizer.grad_clip_norm or 0.0, retention=retention)
     result["retention_step_s"] = round(time.perf_counter() - start, 1)
-    peak = _status_bytes("VmHWM")
+    peak = process_memory_bytes("VmHWM")
     result["step"] = {"task_loss": stats.task_loss, "retention_losses": stats.retention_losses,
                       "grad_norm": stats.grad_norm, "surgery_cosine": stats.surgery.cosine if stats.surgery else None}
     result["step_rss_before_gib"] = gib(rss_before_step)

@@ -44,13 +44,6 @@ CASES = {
 }
 
 
-def _status(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def build_assets(work: Path) -> dict:
     from craft_core.config import CacheConfig, DatasetSource, PolicySource
     from craft_core.demo.sim_datasets import PUSHT_TASKS, record_dataset
@@ -82,7 +75,7 @@ def measure(case: str, assets: dict, batch_size: int, steps: int) -> dict:
     from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
 
     from craft_core.config import DatasetSource, PeftSettings, PolicySource, RetentionConfig, TrainConfig
-    from craft_core.memory_plan import plan_memory
+    from craft_core.memory_plan import plan_memory, process_memory_bytes, reset_peak_resident
     from craft_core.policies import get_adapter
     from craft_core.policy_io import load_policy, make_processors
     from craft_core.retention import open_retention
@@ -128,12 +121,12 @@ def measure(case: str, assets: dict, batch_size: int, steps: int) -> dict:
         p.grad = None
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
-    baseline = _status("VmRSS")
+    reset_peak_resident()
+    baseline = process_memory_bytes("VmRSS")
     optimizer = torch.optim.AdamW(params, lr=1e-6)
     for index, batch in enumerate(batches, start=1):
         step(batch, optimizer, index)
-    peak = _status("VmHWM")
+    peak = process_memory_bytes("VmHWM")
     measured = plan.weights + (peak - baseline)
     return {**{k: v for k, v in plan.as_dict().items() if k != "notes"}, "measured_total": measured,
             "measured_growth": peak - baseline, "planned_growth": plan.total - plan.weights,

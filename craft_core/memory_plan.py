@@ -18,8 +18,9 @@
   tracker of every tensor storage and, on Linux, the growth of the process's peak resident memory,
   which also sees the allocator's and math libraries' overhead), and the line through the two points extended to
   ``batch_size`` (a fixed part, such as weight copies, does not scale with the batch). With
-  retention on, the retention step's own forward + backward at ``anchor_batch_size`` is bounded
-  the same way and the larger of the two is kept: they never overlap. Without a batch it is
+  retention on and ``anchor_batch_size`` larger than the batch, the line is extended to the anchor
+  batch instead (the retention step's forward + backward never overlaps the task step's, so the
+  larger of the two sizes bounds both). Without a batch it is
   estimated from the Linear layers: each saves its input, ``tokens_per_sample`` × ``in_features``
   activations per sample, doubled for norms, nonlinearities and attention.
 
@@ -175,38 +176,45 @@ def _autocast(device: torch.device, precision: str):
     return autocast_context(device.type, {"bf16": "bfloat16", "fp16": "float16"}.get(precision))
 
 
+def process_memory_bytes(field: str) -> int:
+    """A memory field of this process from ``/proc/self/status`` in bytes (``VmRSS`` resident now,
+    ``VmHWM`` its peak); Linux only (OSError elsewhere)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_resident() -> None:
+    """Reset the kernel's peak-resident counter (``VmHWM``) to the current resident size (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 class _ResidentGrowth:
     """Growth of the process's peak resident memory over a block, on Linux (0 elsewhere).
 
     On CPU the tensors' own bytes are not all a step costs: the allocator's fragmentation and the
     math libraries' scratch and kernel caches (oneDNN keeps one per shape) add ~20-50 % on the tiny
     policies. Freed heap pages are returned first (``malloc_trim``) and the kernel's high-water
-    mark reset (``/proc/self/clear_refs``), so the growth is what the block itself touched.
+    mark reset, so the growth is what the block itself touched.
     """
 
     bytes = 0
-
-    @staticmethod
-    def _status(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        raise OSError(f"{field} not in /proc/self/status")
 
     def __enter__(self):
         self._start = None
         try:
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-            self._start = self._status("VmRSS")
+            reset_peak_resident()
+            self._start = process_memory_bytes("VmRSS")
         except (OSError, AttributeError):  # not Linux/glibc: the tensor tracker alone
             pass
         return self
 
     def __exit__(self, *exc):
         if self._start is not None:
-            self.bytes = max(self._status("VmHWM") - self._start, 0)
+            self.bytes = max(process_memory_bytes("VmHWM") - self._start, 0)
         return False
 
 
@@ -355,7 +363,7 @@ def plan_memory(policy: torch.nn.Module, *, batch_size: int, precision: str = "n
         # Probes never exceed the run's own micro-batch: a probe must not fail where training fits.
         # 8 samples, not fewer: on CPU each peak is known to ~0.3 MiB (allocator pages), and the
         # slope's error is that over the probes' distance, multiplied out to the batch (1 and 4
-        # samples put the tiny policies' plans 0.78-0.98x the measured peak from run to run).
+        # samples put the tiny policies' plans 0.71-1.46x the measured peak from run to run).
         fixed, per_sample, probes = measure_activations(policy, batch, precision=precision,
                                                         largest=min(_PROBE_SAMPLES, samples))
         activations = int(fixed + per_sample * samples)
